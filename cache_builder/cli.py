@@ -1,0 +1,119 @@
+"""`python -m cache_builder build | leaderboard | info`: one-line errors, exit code 2."""
+
+import argparse
+import errno
+import shlex
+import sys
+from pathlib import Path
+
+from cache_builder.build import DEFAULT_CACHE, BuildError, BuildSpec, build
+from core.leaderboard import store_leaderboard
+from core.models import ModelUnavailable
+from core.prompts import FORMATS, PromptError
+from core.registry import UnknownName
+from core.regressors import default_suite
+from core.store import RunStore, StoreError, describe
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(Exception):
+    """A bad argument; str() is one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error
+        raise CliError(message)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Parses `0-99`, `3`, `0,5,10-12` into a list of seeds in the order given."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            start, stop = int(lo), int(hi) if sep else int(lo)
+            if stop < start:
+                raise ValueError
+            seeds.extend(range(start, stop + 1))
+    except ValueError:
+        raise CliError(f"seed range {text!r} does not parse; use e.g. 0-99 or 0,3,10-19") from None
+    if len(set(seeds)) != len(seeds):
+        raise CliError(f"seed range {text!r} names a seed twice")
+    return seeds
+
+
+def resolve_run(run: str, cache: Path) -> Path:
+    """A run is a store path, or a store name under the cache directory."""
+    for candidate in (Path(run), cache / run, cache / f"{run}.zarr"):
+        if candidate.exists():
+            return candidate
+    raise StoreError(f"no run store {run!r} (looked at {run} and under {cache})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m cache_builder", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    b = sub.add_parser("build", help="run a model and the regressors over seeds into a run store")
+    b.add_argument("--model", required=True, help="smollm2-135m, tiny-random-llama, a HF id or a directory")
+    b.add_argument("--dataset", required=True)
+    b.add_argument("--n-examples", required=True, type=int)
+    b.add_argument("--seeds", required=True, help="e.g. 0-99")
+    b.add_argument("--out", type=Path, default=DEFAULT_CACHE, help="cache directory (default: cache/)")
+    b.add_argument("--format", choices=FORMATS, default="aligned", help="number format of the prompt")
+    b.add_argument("--regressors", help="comma-separated names (default: the whole suite)")
+    b.add_argument("--batch-size", type=int, default=4)
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    b.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    lb = sub.add_parser("leaderboard", help="per-regressor errors of a run")
+    lb.add_argument("run", help="store path or name under --cache")
+    lb.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    lb.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    info = sub.add_parser("info", help="describe a run store")
+    info.add_argument("run")
+    info.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    return p
+
+
+def _run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "build":
+        spec = BuildSpec(
+            model=args.model, dataset=args.dataset, n_examples=args.n_examples,
+            seeds=parse_seeds(args.seeds), prompt_format=args.format,
+            regressors=[r.strip() for r in args.regressors.split(",")] if args.regressors else default_suite(),
+            batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        )
+        command = "python -m cache_builder " + shlex.join(argv)
+        path = build(spec, args.out, command=command, progress=not args.quiet)
+        print(path)
+        return 0
+    store = RunStore.open(resolve_run(args.run, args.cache))
+    if args.command == "info":
+        print(describe(store))
+    elif args.command == "leaderboard":
+        table = store_leaderboard(store)
+        if args.csv:
+            print(table.to_csv(index=False), end="")
+        else:
+            done = store.done()
+            print(f"{store.path.name}: {int(done.sum())}/{len(done)} seeds done")
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(argv)
+    except (CliError, UnknownName, ModelUnavailable, PromptError, StoreError, BuildError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: finished seeds are kept; run the same command to resume", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        what = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        print(f"error: {what} ({exc.filename or ''}); finished seeds are kept", file=sys.stderr)
+        return EXIT_BAD_INPUT
