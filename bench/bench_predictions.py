@@ -73,7 +73,7 @@ def main() -> None:
           f"(ratio {bridge_one / sdpa_one:.2f})")
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-        dest = args.keep / path.name
+        dest = args.keep / Path(path).name
         if not dest.exists():
             shutil.copytree(path, dest)
         print(f"kept {dest}")

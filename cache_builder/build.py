@@ -1,6 +1,11 @@
-"""Builds a run store: datasets -> prompts -> model + regressors -> Zarr, resumable."""
+"""Builds a run store: datasets -> prompts -> model (answers + activations) + regressors -> Zarr.
 
-import shutil
+Resumable (a build killed at any moment, even by kill -9, resumes from `done`) and
+shardable (`--shard I/N`: N processes, on one machine or several, build disjoint
+batches of one store; the last to finish, or `consolidate`, closes it).
+"""
+
+import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,14 +17,17 @@ import zarr
 from tqdm import tqdm
 
 from core import store as run_store
+from core.capture import Captured, Recorder
 from core.datasets import DATASETS
 from core.generation import Timing, greedy_answers
-from core.models import check_spec, context_length, load_model, load_tokenizer
-from core.prompts import TEMPLATE, build_prompts, choose_format, parse_number, tokenize_prompt
+from core.models import LoadedModel, check_spec, context_length, load_model, load_tokenizer, number_tokens
+from core.prompts import TEMPLATE, Prompt, build_prompts, choose_format, parse_number, tokenize_prompt
 from core.regressors import default_suite, get_regressor, predict_all
-from core.store import MODEL_COLUMN, Layout, RunStore, StoreError
+from core.store import FLOAT16_LIMIT, MODEL_COLUMN, ActsLayout, Layout, RunStore, StoreError, location
 
 DEFAULT_CACHE = Path("cache")
+# How long a shard other than 0 waits for shard 0 to create the store.
+CREATE_WAIT_S = 600
 
 
 class BuildError(RuntimeError):
@@ -36,10 +44,11 @@ class BuildSpec:
     seeds: list[int]
     prompt_format: str = "aligned"
     regressors: list[str] = field(default_factory=default_suite)
-    # Execution only: a resumed build may use other values.
-    batch_size: int = 4
+    # Execution only: a resumed or sharded build may use other values.
+    batch_size: int | None = None  # None: the stored run's, else sized to memory
     device: str = "auto"
     dtype: str = "auto"
+    shard: tuple[int, int] = (0, 1)
 
     def name(self) -> str:
         model = self.model.rstrip("/").replace("/", "--")
@@ -47,21 +56,23 @@ class BuildSpec:
 
     def params(self) -> dict:
         d = asdict(self)
-        for key in ("batch_size", "device", "dtype"):
+        for key in ("batch_size", "device", "dtype", "shard"):
             d.pop(key)
         return d
 
 
-def run_path(spec: BuildSpec, out_dir: Path) -> Path:
-    return Path(out_dir) / f"{spec.name()}.zarr"
+def run_path(spec: BuildSpec, out_dir: str | Path) -> str:
+    # file:// URLs go to Zarr's local store, which writes every file atomically.
+    return f"{str(out_dir).removeprefix('file://').rstrip('/')}/{spec.name()}.zarr"
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def _check_out_dir(out_dir: str | Path) -> None:
+    fs, path = location(out_dir)
+    probe = f"{path}/.write-test-{socket.gethostname()}-{os.getpid()}"
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{socket.gethostname()}"
-        probe.write_text("")
-        probe.unlink()
+        fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)
     except OSError as exc:
         raise BuildError(f"output directory {out_dir} cannot be written: {exc.strerror or exc}") from None
 
@@ -80,33 +91,49 @@ def _validate(spec: BuildSpec) -> None:
         raise BuildError("no seeds to build")
     if len(set(spec.seeds)) != len(spec.seeds) or any(s < 0 for s in spec.seeds):
         raise BuildError("seeds must be distinct and non-negative")
-    if spec.batch_size < 1:
+    if spec.batch_size is not None and spec.batch_size < 1:
         raise BuildError("--batch-size must be at least 1")
+    i, n = spec.shard
+    if not (n >= 1 and 0 <= i < n):
+        raise BuildError(f"shard {i}/{n} is out of range: use I/N with 0 <= I < N")
     check_spec(spec.model)
 
 
-def _existing(path: Path, spec: BuildSpec) -> RunStore | None:
+def _existing(path: str, spec: BuildSpec) -> RunStore | None:
     """Returns the store at `path` to resume, None to create; refuses a different run."""
-    if not path.exists():
-        return None
+    fs, root = location(path)
+    if not fs.exists(root):
+        return _wait_for_creation(path) if spec.shard[0] != 0 else None
     try:
-        group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        group = zarr.open_group(path, mode="r+", zarr_format=3)
     except Exception:
         raise StoreError(f"{path} exists and is not a Zarr store; move it away or choose another --out") from None
     if "params" not in group.attrs:
+        if spec.shard[0] != 0:
+            return _wait_for_creation(path)
         # Killed while being created: it holds no finished seed, so start it again.
         if "done" in group and bool(np.any(group["done"][:])):
             raise StoreError(f"{path} is half-created yet has finished seeds; inspect it by hand")
-        shutil.rmtree(path)
+        fs.rm(root, recursive=True)
         return None
     store = RunStore.open(path, mode="r+")
     stored = store.attrs["params"]
     diff = [k for k, v in spec.params().items() if stored.get(k) != v]
     if diff:
         shown = "; ".join(f"{k}: stored {_short(stored.get(k))}, asked {_short(spec.params()[k])}" for k in diff)
-        raise StoreError(f"existing run {path.name} was built with other parameters ({shown}); "
+        raise StoreError(f"existing run {store.name} was built with other parameters ({shown}); "
                          "use another --out or delete it")
     return store
+
+
+def _wait_for_creation(path: str) -> RunStore:
+    deadline = time.time() + CREATE_WAIT_S
+    while time.time() < deadline:
+        try:
+            return RunStore.open(path, mode="r+")
+        except StoreError:
+            time.sleep(1.0)
+    raise StoreError(f"{path}: shard 0 did not create the store within {CREATE_WAIT_S} s; start shard 0")
 
 
 def _short(value: object) -> str:
@@ -115,21 +142,23 @@ def _short(value: object) -> str:
 
 
 def _batches(n: int, size: int) -> list[list[int]]:
-    # A fixed partition of the seed list: a resumed build recomputes whole batches
-    # with the same composition, so its numbers equal an uninterrupted build's.
+    # A fixed partition of the seed list: a resumed or sharded build computes whole
+    # batches with the same composition, so its numbers equal an uninterrupted build's.
     return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
-def build(spec: BuildSpec, out_dir: Path = DEFAULT_CACHE, command: str = "", progress: bool = True) -> Path:
-    """Builds (or resumes) the run store for `spec` under `out_dir`; returns its path."""
-    _validate(spec)
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
-    path = run_path(spec, out_dir)
-    store = _existing(path, spec)
-    if store is not None and store.done().all():
-        return path
+@dataclass
+class Prepared:
+    """Everything a build computes before touching the model."""
 
+    samples: list
+    prompts: list[Prompt]
+    fmt: object
+    n_tokens: int
+    max_new_tokens: int
+
+
+def _prepare(spec: BuildSpec) -> Prepared:
     dataset = DATASETS[spec.dataset]
     samples = [dataset.sample(seed, spec.n_examples) for seed in spec.seeds]
     tokenizer = load_tokenizer(spec.model)
@@ -145,57 +174,194 @@ def build(spec: BuildSpec, out_dir: Path = DEFAULT_CACHE, command: str = "", pro
     n_tokens = max(len(p.tokens) for p in prompts)
     if n_tokens + max_new_tokens > n_ctx:
         raise BuildError(f"the longest prompt has {n_tokens} tokens; {spec.model} holds {n_ctx}")
+    return Prepared(samples, prompts, fmt, n_tokens, max_new_tokens)
 
+
+class BatchRunner:
+    """Runs one batch: prefill with activation capture, greedy answers, host-side arrays."""
+
+    def __init__(self, model: LoadedModel, prep: Prepared, timing: Timing) -> None:
+        self.model, self.prep, self.timing = model, prep, timing
+        self.recorder = Recorder(model.hf_model)
+
+    def __call__(self, batch: list[int]) -> tuple[list[str], list[dict[str, np.ndarray]]]:
+        prompts = [self.prep.prompts[i] for i in batch]
+        width = max(len(p.tokens) for p in prompts)
+        pads = [width - len(p.tokens) for p in prompts]
+        positions = torch.as_tensor(np.stack([p.answer_slots + pad for p, pad in zip(prompts, pads)]),
+                                    dtype=torch.long, device=self.model.device)
+        captured: dict = {}
+        texts = greedy_answers(self.model, [p.tokens for p in prompts], self.prep.max_new_tokens,
+                               self.timing, capture=(self.recorder, positions, captured))
+        return texts, _to_host(captured["out"], pads, self.prep.n_tokens)
+
+
+def _to_host(c: Captured, pads: list[int], n_tokens: int) -> list[dict[str, np.ndarray]]:
+    """Returns per-seed float32 numpy activations; attention rows in each seed's own tokens."""
+    out = []
+    for j, pad in enumerate(pads):
+        rows = c.attn_rows[j, ..., pad:]
+        full = torch.zeros((*rows.shape[:-1], n_tokens), dtype=torch.float32, device=rows.device)
+        full[..., : rows.shape[-1]] = rows
+        seed = {"resid": c.resid[j], "attn_out": c.attn_out[j], "mlp_out": c.mlp_out[j],
+                "head_out": c.head_out[j], "attn_rows": full}
+        out.append({k: v.float().cpu().numpy() for k, v in seed.items()})
+    return out
+
+
+def _dtypes(first: list[dict[str, np.ndarray]]) -> dict[str, str]:
+    """float16 for each array whose first batch stays well inside its range, else float32."""
+    return {name: "float16" if max(np.abs(s[name]).max() for s in first) < FLOAT16_LIMIT else "float32"
+            for name in first[0]}
+
+
+def _unembed(store: RunStore, model: LoadedModel) -> None:
+    hf = model.hf_model
+    ids, text = number_tokens(model.tokenizer)
+    w_u = hf.lm_head.weight[torch.as_tensor(ids, device=hf.lm_head.weight.device)].T
+    norm = hf.model.norm
+    store.write_unembed(norm.weight.detach().float().cpu().numpy(), norm.variance_epsilon,
+                        w_u.detach().float().cpu().numpy(), np.asarray(ids), text)
+
+
+def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "", progress: bool = True) -> str:
+    """Builds (or resumes) the run store for `spec` under `out_dir`; returns its location."""
+    _validate(spec)
+    _check_out_dir(out_dir)
+    path = run_path(spec, out_dir)
+    store = _existing(path, spec)
+    if store is not None and store.done().all():
+        _finish(store)
+        return path
+
+    prep = _prepare(spec)
     started = run_store.now()
     model = load_model(spec.model, spec.device, spec.dtype)
-    columns = [MODEL_COLUMN, *spec.regressors]
+    timing, regressor_s = Timing(), 0.0
+    run_batch = BatchRunner(model, prep, timing)
+    batch_size = (spec.batch_size or (store.attrs["build"]["batch_size"] if store is not None else None)
+                  or auto_batch_size(model, prep.n_tokens, spec.n_examples + 1))
+    batches = _batches(len(spec.seeds), batch_size)
+    mine = [b for k, b in enumerate(batches) if k % spec.shard[1] == spec.shard[0]]
+    first_result = None
     if store is None:
-        attrs = {
-            "params": spec.params(),
-            "model": model.info,
-            "dataset": {"name": dataset.name, "n_features": dataset.n_features,
-                        "n_examples": spec.n_examples, "description": dataset.description},
-            "seeds": spec.seeds,
-            "regressors": columns,
-            "regressor_descriptions": {n: get_regressor(n).description for n in spec.regressors},
-            "prompt": {"template": TEMPLATE, "format": fmt.kind, "int_digits": list(fmt.int_digits),
-                       "n_tokens": n_tokens, "max_new_tokens": max_new_tokens},
-            "build": {"started": started, "finished": None, "device": _device_name(model.device),
-                      "command": command, "sessions": []},
-        }
-        layout = Layout(len(spec.seeds), spec.n_examples, dataset.n_features, len(columns), n_tokens)
-        store = run_store.create(path, layout, attrs)
-    if not store.attrs["inputs_written"]:
-        store.write_inputs(samples, prompts)
+        first_result = (mine[0], *run_batch(mine[0]))
+        store = _create(path, spec, prep, model, _dtypes(first_result[2]), started, batch_size)
 
     done = store.done()
+    todo = [b for b in mine if not done[b].all()]
     regressors = [get_regressor(n) for n in spec.regressors]
-    timing, regressor_s = Timing(), 0.0
-    todo = [b for b in _batches(len(spec.seeds), spec.batch_size) if not done[b].all()]
-    bar = tqdm(total=int((~done).sum()), desc=f"{spec.name()}", unit="seed", disable=not progress)
+    bar = tqdm(total=int(sum((~done[b]).sum() for b in todo)), desc=spec.name(), unit="seed",
+               disable=not progress)
     for batch in todo:
-        texts = greedy_answers(model, [prompts[i].tokens for i in batch], max_new_tokens, timing)
-        for i, text in zip(batch, texts):
+        if first_result is not None and batch == first_result[0]:
+            texts, acts = first_result[1:]
+        else:
+            texts, acts = run_batch(batch)
+        for i, text, a in zip(batch, texts, acts):
             if done[i]:
                 continue
-            s = samples[i]
+            _check_range(store, a)
+            s = prep.samples[i]
             t0 = time.perf_counter()
             preds = predict_all(regressors, s.x_train, s.y_train, s.x_query, s.seed)
             regressor_s += time.perf_counter() - t0
-            store.write_seed(i, np.concatenate([[parse_number(text)], preds]), text)
+            store.write_seed(i, np.concatenate([[parse_number(text)], preds]), text, a)
             bar.update(1)
     bar.close()
 
-    build_attrs = store.attrs["build"]
-    build_attrs["sessions"].append({
-        "started": started, "finished": run_store.now(), "seeds_built": int((~done).sum()),
-        "device": _device_name(model.device), "command": command, "batch_size": spec.batch_size,
+    session = {
+        "started": started, "finished": run_store.now(), "seeds_built": int(sum((~done[b]).sum() for b in todo)),
+        "shard": f"{spec.shard[0]}/{spec.shard[1]}", "device": _device_name(model.device),
+        "command": command, "batch_size": batch_size,
         "prefill_s": round(timing.prefill_s, 3), "decode_s": round(timing.decode_s, 3),
         "regressors_s": round(regressor_s, 3), "prefill_tokens": timing.prefill_tokens,
-    })
-    build_attrs["finished"] = run_store.now()
-    store.update_attrs(build=build_attrs)
+    }
+    store.root.require_group("sessions").create_group(
+        f"{started.replace(':', '')}-{spec.shard[0]}of{spec.shard[1]}-{socket.gethostname()}-{os.getpid()}",
+    ).attrs.update(session)
+    if store.done().all():
+        _finish(store)
     return path
+
+
+def _create(path: str, spec: BuildSpec, prep: Prepared, model: LoadedModel, dtypes: dict, started: str,
+            batch_size: int) -> RunStore:
+    dataset = DATASETS[spec.dataset]
+    info = model.info
+    columns = [MODEL_COLUMN, *spec.regressors]
+    attrs = {
+        "model": info,
+        "dataset": {"name": dataset.name, "n_features": dataset.n_features,
+                    "n_examples": spec.n_examples, "description": dataset.description},
+        "seeds": spec.seeds,
+        "regressors": columns,
+        "regressor_descriptions": {n: get_regressor(n).description for n in spec.regressors},
+        "prompt": {"template": TEMPLATE, "format": prep.fmt.kind, "int_digits": list(prep.fmt.int_digits),
+                   "n_tokens": prep.n_tokens, "max_new_tokens": prep.max_new_tokens},
+        # A resumed build reuses this batch size unless told otherwise: the same batches
+        # give the same numbers.
+        "build": {"started": started, "finished": None, "device": _device_name(model.device),
+                  "command": "", "sessions": [], "batch_size": batch_size},
+    }
+    layout = Layout(len(spec.seeds), spec.n_examples, dataset.n_features, len(columns), prep.n_tokens)
+    acts = ActsLayout(info["n_layers"], info["d_model"], info["n_heads"], spec.n_examples + 1, dtypes)
+    store = run_store.create(path, layout, acts, attrs)
+    store.write_inputs(prep.samples, prep.prompts)
+    _unembed(store, model)
+    store.update_attrs(params=spec.params())  # last: its presence says the store is set up
+    return store
+
+
+def _check_range(store: RunStore, acts: dict[str, np.ndarray]) -> None:
+    for name, value in acts.items():
+        arr = store.root[f"acts/{name}"]
+        if arr.dtype == np.float16:
+            peak = float(np.abs(value).max())
+            if not peak < np.finfo(np.float16).max:
+                store.promote_to_float32(name, f"a value of magnitude {peak:.4g} overflows float16")
+
+
+def _finish(store: RunStore) -> None:
+    """Gathers every session's record into the root attrs and consolidates metadata."""
+    sessions = [dict(g.attrs) for _, g in sorted(store.root.require_group("sessions").groups())]
+    build_attrs = store.attrs["build"]
+    if build_attrs.get("sessions") != sessions or not build_attrs.get("finished"):
+        build_attrs.update(sessions=sessions, finished=max(s["finished"] for s in sessions),
+                           command=sessions[0]["command"] if sessions else "")
+        store.update_attrs(build=build_attrs)
+        zarr.consolidate_metadata(store.root.store)
+
+
+def consolidate(path: str) -> RunStore:
+    """Closes a sharded build: checks every seed is done, merges the shards' records."""
+    store = RunStore.open(path, mode="r+")
+    missing = int((~store.done()).sum())
+    if missing:
+        raise StoreError(f"{store.name}: {missing} seeds are not done yet; finish every shard first")
+    _finish(store)
+    return store
+
+
+CPU_BATCH = 4
+
+
+def auto_batch_size(model: LoadedModel, n_tokens: int, n_positions: int) -> int:
+    """Returns a batch size: 4 on the CPU; on a GPU, what 60% of its free memory holds.
+
+    Per sequence: the KV cache, the MLP's widest temporaries and the float32 attention
+    rows of the stored positions (the eager pattern is never materialised: SDPA).
+    """
+    if model.device.type != "cuda":
+        return CPU_BATCH
+    cfg, info = model.hf_model.config, model.info
+    width = torch.finfo(next(model.hf_model.parameters()).dtype).bits // 8
+    kv = 2 * info["n_layers"] * info["n_kv_heads"] * info["d_head"] * width
+    temps = (3 * int(cfg.intermediate_size) + 6 * info["d_model"]) * width
+    rows = info["n_layers"] * info["n_heads"] * n_positions * 4
+    per_seq = n_tokens * (kv + temps + rows)
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return max(1, min(256, int(0.6 * free // per_seq)))
 
 
 def _device_name(device: torch.device) -> str:

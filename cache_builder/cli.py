@@ -1,4 +1,4 @@
-"""`python -m cache_builder build | leaderboard | info`: one-line errors, exit code 2."""
+"""`python -m cache_builder build | consolidate | leaderboard | info`: one-line errors, exit code 2."""
 
 import argparse
 import errno
@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from cache_builder.build import DEFAULT_CACHE, BuildError, BuildSpec, build
+from cache_builder.build import DEFAULT_CACHE, BuildError, BuildSpec, build, consolidate
 from core.leaderboard import store_leaderboard
 from core.models import ModelUnavailable
 from core.prompts import FORMATS, PromptError
@@ -43,11 +43,24 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def resolve_run(run: str, cache: Path) -> Path:
-    """A run is a store path, or a store name under the cache directory."""
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parses `I/N` (this process builds every N-th batch, starting at batch I)."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise CliError(f"shard {text!r} does not parse; use I/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise CliError(f"shard {text} is out of range: use I/N with 0 <= I < N")
+    return i, n
+
+
+def resolve_run(run: str, cache: Path) -> str:
+    """A run is a store path or URL, or a store name under the cache directory."""
+    if "://" in run:
+        return run
     for candidate in (Path(run), cache / run, cache / f"{run}.zarr"):
         if candidate.exists():
-            return candidate
+            return str(candidate)
     raise StoreError(f"no run store {run!r} (looked at {run} and under {cache})")
 
 
@@ -59,13 +72,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dataset", required=True)
     b.add_argument("--n-examples", required=True, type=int)
     b.add_argument("--seeds", required=True, help="e.g. 0-99")
-    b.add_argument("--out", type=Path, default=DEFAULT_CACHE, help="cache directory (default: cache/)")
+    b.add_argument("--out", default=str(DEFAULT_CACHE), help="cache directory or fsspec URL (default: cache/)")
     b.add_argument("--format", choices=FORMATS, default="aligned", help="number format of the prompt")
     b.add_argument("--regressors", help="comma-separated names (default: the whole suite)")
-    b.add_argument("--batch-size", type=int, default=4)
+    b.add_argument("--batch-size", type=int, help="default: the stored run's on resume, else 4 on "
+                   "the CPU and sized to free memory on a GPU")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     b.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    b.add_argument("--shard", default="0/1", help="I/N: build every N-th batch from batch I "
+                   "(N processes fill one store; the last to finish closes it)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    c = sub.add_parser("consolidate", help="close a sharded build once every shard is done")
+    c.add_argument("run")
+    c.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     lb = sub.add_parser("leaderboard", help="per-regressor errors of a run")
     lb.add_argument("run", help="store path or name under --cache")
     lb.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -83,11 +102,14 @@ def _run(argv: list[str]) -> int:
             model=args.model, dataset=args.dataset, n_examples=args.n_examples,
             seeds=parse_seeds(args.seeds), prompt_format=args.format,
             regressors=[r.strip() for r in args.regressors.split(",")] if args.regressors else default_suite(),
-            batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+            batch_size=args.batch_size, device=args.device, dtype=args.dtype, shard=parse_shard(args.shard),
         )
         command = "python -m cache_builder " + shlex.join(argv)
         path = build(spec, args.out, command=command, progress=not args.quiet)
         print(path)
+        return 0
+    if args.command == "consolidate":
+        print(describe(consolidate(resolve_run(args.run, args.cache))))
         return 0
     store = RunStore.open(resolve_run(args.run, args.cache))
     if args.command == "info":
@@ -98,7 +120,7 @@ def _run(argv: list[str]) -> int:
             print(table.to_csv(index=False), end="")
         else:
             done = store.done()
-            print(f"{store.path.name}: {int(done.sum())}/{len(done)} seeds done")
+            print(f"{store.name}: {int(done.sum())}/{len(done)} seeds done")
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 

@@ -71,13 +71,23 @@ def answer_complete(text: str) -> bool:
 
 @torch.inference_mode()
 def greedy_answers(model: LoadedModel, prompts: list[np.ndarray], max_new_tokens: int,
-                   timing: Timing | None = None) -> list[str]:
-    """Returns each prompt's greedy continuation as text (stopped once a number is complete)."""
+                   timing: Timing | None = None, capture: tuple | None = None) -> list[str]:
+    """Returns each prompt's greedy continuation as text (stopped once a number is complete).
+
+    `capture=(recorder, positions, box)` records the prefill's activations at `positions`
+    (in left-padded coordinates) into `box["out"]` (see `core.capture.Recorder`).
+    """
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids, mask = left_pad(prompts, pad_id)
     t0 = time.perf_counter()
-    logits, cache = prefill(model, ids, mask)
+    if capture is None:
+        logits, cache = prefill(model, ids, mask)
+    else:
+        recorder, positions, box = capture
+        with recorder.record(positions, mask.to(model.device)) as got:
+            logits, cache = prefill(model, ids, mask)
+        box.update(got)
     _sync(model.device)
     t1 = time.perf_counter()
     mask = mask.to(model.device)

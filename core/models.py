@@ -16,6 +16,7 @@ Booting wraps the HF modules in place and switches attention to eager.
 
 import importlib.metadata
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,6 +259,20 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         dev = resolve_device(device)
         return BUILTIN_MODELS[spec](dev, resolve_dtype(dtype, dev))
     return _load_hf(spec, device, dtype)
+
+
+_NUMBER_TOKEN = re.compile(r" ?-?\d{1,3}| ?-| ?\.| |\n")
+
+
+def number_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[str]]:
+    """Returns the ids and texts of the tokens numbers are written with, for the logit lens.
+
+    Digit chunks of up to 3 digits (optionally after a space and a minus sign), the
+    signs, the point, the space and the newline that ends an answer.
+    """
+    decoded = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    hits = [(i, text) for i, text in enumerate(decoded) if _NUMBER_TOKEN.fullmatch(text)]
+    return [i for i, _ in hits], [text for _, text in hits]
 
 
 def context_length(spec: str) -> int:

@@ -1,23 +1,35 @@
 """The Zarr v3 run store: the contract between the cache builder and the app.
 
 One store per run (model x dataset x n_examples x prompt format), a directory
-`NAME.zarr`. Seeds are the first axis of every per-seed array; every per-seed array
-is chunked one seed per chunk, so a seed is written (atomically, file by file) without
-touching any other seed's data. `done[s]` is written last for each seed: a build
-that is killed resumes from it. See DESIGN.md "The run store" for the array names.
+`NAME.zarr` (a local path or an fsspec URL). Seeds are the first axis of every
+per-seed array. Small per-seed arrays have one chunk per seed; activation arrays
+have one shard per seed holding one chunk per layer, so a writer owns whole files
+(concurrent `--shard I/N` builds never write the same file; Zarr's local store
+writes each file atomically) and a (seed, layer) slice reads one chunk.
+`done[s]` is written last for each seed: a build that is killed resumes from it.
+See DESIGN.md "The run store" for the array names.
 """
 
 import datetime as dt
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
 from jaxtyping import Bool, Float, Int
+from zarr.codecs import BloscCodec
 
 SCHEMA_VERSION = 1
 MODEL_COLUMN = "model"
+warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+
+# Largest magnitude stored as float16 (its max is 65504): headroom for later seeds.
+FLOAT16_LIMIT = 8192.0
+# Byte-shuffled zstd: float16 activations compress about twice as well as with plain zstd.
+ACT_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
 
 class StoreError(RuntimeError):
@@ -43,8 +55,33 @@ class Layout:
     n_tokens: int
 
 
-def create(path: Path, layout: Layout, attrs: dict) -> "RunStore":
-    """Creates an empty run store at `path` (which must not exist) and returns it."""
+@dataclass(frozen=True)
+class ActsLayout:
+    """The shapes of the activation arrays: layers, width, heads, stored positions, dtypes."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_positions: int
+    dtypes: dict  # act name -> "float16" | "float32"
+
+    def shapes(self, n_seeds: int, n_tokens: int) -> dict[str, tuple[int, ...]]:
+        s, L, d, h, p = n_seeds, self.n_layers, self.d_model, self.n_heads, self.n_positions
+        return {"resid": (s, L + 1, p, d), "attn_out": (s, L, p, d), "mlp_out": (s, L, p, d),
+                "head_out": (s, L, h, d), "attn_rows": (s, L, h, p, n_tokens)}
+
+
+def location(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Returns the filesystem and path of a store location (local path or fsspec URL)."""
+    return fsspec.core.url_to_fs(str(url))
+
+
+def create(path: str | Path, layout: Layout, acts: ActsLayout, attrs: dict) -> "RunStore":
+    """Creates an empty run store at `path` (which must not exist) and returns it.
+
+    `attrs` should not hold "params": the builder sets it once the inputs are written,
+    and a store without it is taken for one killed while being created.
+    """
     s, n, f, r, t = layout.n_seeds, layout.n_examples, layout.n_features, layout.n_columns, layout.n_tokens
     root = zarr.open_group(str(path), mode="w-", zarr_format=3)
     _per_seed(root, "x_train", (s, n, f), "float64", np.nan)
@@ -64,30 +101,48 @@ def create(path: Path, layout: Layout, attrs: dict) -> "RunStore":
     _per_seed(root, "predictions", (s, r), "float64", np.nan)
     _per_seed(root, "llm_text", (s,), str, "")
     _per_seed(root, "done", (s,), "bool", False)
-    root.attrs.update({"schema_version": SCHEMA_VERSION, "inputs_written": False, **attrs})
+    group = root.create_group("acts")
+    group.attrs["doc"] = ("activations at the stored token positions acts/positions [seed, P] "
+                          "(every answer slot, the query's = the final position, last); "
+                          "head_out at the final position; attn_rows over the seed's own tokens")
+    _per_seed(group, "positions", (s, acts.n_positions), "int32", -1)
+    for name, shape in acts.shapes(s, t).items():
+        chunk = (1, 1, *shape[2:])
+        group.create_array(name, shape=shape, chunks=chunk, shards=(1, *shape[1:]),
+                           dtype=acts.dtypes[name], fill_value=0, compressors=ACT_CODEC)
+    root.attrs.update({"schema_version": SCHEMA_VERSION, **attrs})
     return RunStore(path, root)
 
 
 class RunStore:
     """Read (and, for the builder, write) access to one run store."""
 
-    def __init__(self, path: Path, root: zarr.Group) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, root: zarr.Group) -> None:
+        self.path = path if "://" in str(path) else Path(path)
         self.root = root
+
+    @property
+    def name(self) -> str:
+        return str(self.path).rstrip("/").rsplit("/", 1)[-1]
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> "RunStore":
-        """Opens a store, refusing a missing one or one of another schema version."""
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
+        """Opens a store, refusing a missing, half-created or other-schema one."""
+        fs, root_path = location(path)
+        if not fs.exists(f"{root_path}/zarr.json"):
             raise StoreError(f"{path} is not a run store (no zarr.json)")
         try:
-            root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+            # Writers must see groups added since the last consolidation (build sessions).
+            root = zarr.open_group(str(path), mode=mode, zarr_format=3,
+                                   use_consolidated=None if mode == "r" else False)
         except Exception as exc:  # zarr raises several types for a corrupt group
             raise StoreError(f"{path} cannot be opened as a Zarr v3 group: {exc}") from None
         version = root.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
             raise StoreError(f"{path} has schema version {version}; this code reads {SCHEMA_VERSION}")
+        if "params" not in root.attrs:
+            raise StoreError(f"{path} is half-created (killed while being set up); "
+                             "run its build command again to recreate it")
         return cls(path, root)
 
     @property
@@ -122,6 +177,41 @@ class RunStore:
         n = int(self.root["positions/n_tokens"][index])
         return self.root["tokens"][index, :n]
 
+    def index(self, seed: int) -> int:
+        """Returns the row of `seed` in every per-seed array."""
+        try:
+            return self.seeds.index(seed)
+        except ValueError:
+            raise StoreError(f"seed {seed} is not in {self.name}") from None
+
+    # Activations: every accessor reads only the slice asked for, as float32.
+
+    def act_positions(self, index: int) -> Int[np.ndarray, " P"]:
+        """Returns the token positions the activations of row `index` are stored at."""
+        return self.root["acts/positions"][index]
+
+    def resid(self, index: int, layer: int) -> Float[np.ndarray, "P d"]:
+        """Residual stream before `layer` (layer n_layers: after the last), stored positions."""
+        return self.root["acts/resid"][index, layer].astype(np.float32)
+
+    def attn_out(self, index: int, layer: int) -> Float[np.ndarray, "P d"]:
+        return self.root["acts/attn_out"][index, layer].astype(np.float32)
+
+    def mlp_out(self, index: int, layer: int) -> Float[np.ndarray, "P d"]:
+        return self.root["acts/mlp_out"][index, layer].astype(np.float32)
+
+    def head_out(self, index: int, layer: int) -> Float[np.ndarray, "H d"]:
+        """Each head's output (its slice of W_O applied) at the final position."""
+        return self.root["acts/head_out"][index, layer].astype(np.float32)
+
+    def attn_rows(self, index: int, layer: int) -> Float[np.ndarray, "H P T"]:
+        """Attention probabilities of the stored positions over the seed's tokens."""
+        return self.root["acts/attn_rows"][index, layer].astype(np.float32)
+
+    def final_resid(self, layer: int) -> Float[np.ndarray, "s d"]:
+        """Residual stream before `layer` at the final position, every seed."""
+        return self.root["acts/resid"][:, layer, -1].astype(np.float32)
+
     # Writing, for the builder.
 
     def write_inputs(self, samples: list, prompts: list) -> None:
@@ -140,13 +230,39 @@ class RunStore:
         r["positions/answer_slots"][:] = np.stack([p.answer_slots for p in prompts])
         r["positions/final"][:] = np.array([p.final for p in prompts], dtype=np.int32)
         r["positions/n_tokens"][:] = np.array([len(p.tokens) for p in prompts], dtype=np.int32)
-        self.root.attrs["inputs_written"] = True
+        r["acts/positions"][:] = np.stack([p.answer_slots for p in prompts])
 
-    def write_seed(self, index: int, predictions: Float[np.ndarray, " R"], text: str) -> None:
-        """Writes one seed's predictions and raw answer, then marks it done."""
+    def write_unembed(self, norm_weight: np.ndarray, eps: float, w_u: np.ndarray,
+                      token_ids: np.ndarray, token_text: list[str]) -> None:
+        """Writes what the logit lens needs: final norm and the unembedding of number tokens."""
+        g = self.root.create_group("unembed", overwrite=True)
+        g.attrs.update({"eps": float(eps), "norm": "RMSNorm: x / sqrt(mean(x^2) + eps) * norm_weight",
+                        "doc": "W_U columns of the tokens token_ids (digits, signs, number chunks)"})
+        g.create_array("norm_weight", data=norm_weight.astype(np.float32))
+        g.create_array("W_U", data=w_u.astype(np.float32))
+        g.create_array("token_ids", data=token_ids.astype(np.int32))
+        g.create_array("token_text", shape=(len(token_text),), dtype=str, fill_value="")[:] = np.array(token_text)
+
+    def write_seed(self, index: int, predictions: Float[np.ndarray, " R"], text: str,
+                   acts: dict[str, np.ndarray]) -> None:
+        """Writes one seed's activations, predictions and raw answer, then marks it done."""
+        for name, value in acts.items():
+            self.root[f"acts/{name}"][index] = value
         self.root["predictions"][index] = predictions
         self.root["llm_text"][index] = text
         self.root["done"][index] = True
+
+    def promote_to_float32(self, name: str, reason: str) -> None:
+        """Rewrites activation array `name` as float32 (a float16 one overflowed)."""
+        old = self.root[f"acts/{name}"]
+        done = np.nonzero(self.done())[0]
+        kept = {int(i): old[int(i)] for i in done}
+        new = self.root["acts"].create_array(
+            name, shape=old.shape, chunks=old.chunks, shards=old.shards, dtype="float32",
+            fill_value=0, compressors=ACT_CODEC, overwrite=True)
+        for i, value in kept.items():
+            new[i] = value.astype(np.float32)
+        new.attrs["float32_because"] = reason
 
     def update_attrs(self, **attrs: Any) -> None:
         self.root.attrs.update(attrs)
@@ -170,6 +286,8 @@ def describe(store: RunStore) -> str:
         f"columns     {len(store.columns)}: {', '.join(store.columns)}",
         f"built       {build.get('started')} -> {build.get('finished') or 'unfinished'} on {build.get('device')}",
         f"command     {build.get('command')}",
+        f"sessions    {len(build.get('sessions', []))}: "
+        + "; ".join(f"{x.get('shard')} {x.get('seeds_built')} seeds on {x.get('device')}" for x in build.get("sessions", [])),
         "arrays:",
     ]
     def walk(group: zarr.Group, prefix: str = "") -> None:

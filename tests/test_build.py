@@ -104,6 +104,8 @@ def run_cli(capsys, *args):
     (["--n-examples", "120"], "tokens; tiny-random-llama holds 4096"),
     (["--format", "fancy"], "invalid choice"),
     (["--model", "no-such-org/no-such-model"], "is not in the local Hugging Face cache"),
+    (["--shard", "2/2"], "shard 2/2 is out of range"),
+    (["--shard", "x"], "shard 'x' does not parse"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     base = {"--model": "tiny-random-llama", "--dataset": "friedman2", "--n-examples": "3",
@@ -195,3 +197,69 @@ def test_resume_after_kill_gives_the_uninterrupted_store(tmp_path):
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert len(RunStore.open(path).attrs["build"]["sessions"]) >= 1
+
+
+def test_sharded_build_in_two_processes_equals_one_process(tmp_path):
+    common = ["--model", "tiny-random-llama", "--dataset", "linear-ni22", "--n-examples", "4",
+              "--seeds", "0-6", "--batch-size", "2", "--regressors", "linear,mlp-10", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, "-m", "cache_builder", "build", *common, "--out", str(one)],
+                   check=True, env=env, cwd=ROOT)
+    url = f"file://{tmp_path / 'sharded'}"  # an fsspec URL, as for s3://
+    procs = [subprocess.Popen([sys.executable, "-m", "cache_builder", "build", *common, "--out", url,
+                               "--shard", f"{i}/2"], env=env, cwd=ROOT) for i in (1, 0)]
+    assert [p.wait() for p in procs] == [0, 0]
+    ref = next(one.glob("*.zarr"))
+    got = tmp_path / "sharded" / ref.name
+    a, b = _store_arrays(ref), _store_arrays(got)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    store = RunStore.open(got)
+    sessions = store.attrs["build"]["sessions"]
+    assert sorted(s["shard"] for s in sessions) == ["0/2", "1/2"]
+    assert sum(s["seeds_built"] for s in sessions) == 7
+    assert store.attrs["build"]["finished"]
+
+
+def test_disk_full_keeps_finished_seeds_and_resumes(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from core.store import RunStore as Store
+
+    real = Store.write_seed
+    calls = {"n": 0}
+
+    def failing(self, index, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", "acts/resid")
+        return real(self, index, *args)
+
+    monkeypatch.setattr(Store, "write_seed", failing)
+    args = ["build", "--model", "tiny-random-llama", "--dataset", "original1", "--n-examples", "3",
+            "--seeds", "0-4", "--batch-size", "1", "--regressors", "mean", "--out", str(tmp_path), "--quiet"]
+    code, err = run_cli(capsys, *args)
+    assert code == 2 and err.startswith("error: disk full") and "\n" not in err
+    path = next(tmp_path.glob("*.zarr"))
+    assert RunStore.open(path).done().tolist() == [True, True, False, False, False]
+    monkeypatch.setattr(Store, "write_seed", real)
+    assert main(args) == 0
+    assert RunStore.open(path).done().all()
+
+
+def test_half_created_store_is_refused_for_reading_and_rebuilt(tmp_path, capsys):
+    args = ["build", "--model", "tiny-random-llama", "--dataset", "original1", "--n-examples", "3",
+            "--seeds", "0-1", "--regressors", "mean", "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    path = next(tmp_path.glob("*.zarr"))
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    params = group.attrs["params"]
+    del group.attrs["params"]  # as if killed while being set up: no seed done yet
+    group["done"][:] = False
+    zarr.consolidate_metadata(str(path))
+    code, err = run_cli(capsys, "info", str(path))
+    assert code == 2 and "half-created" in err
+    assert main(args) == 0
+    assert RunStore.open(path).attrs["params"] == params
