@@ -17,8 +17,9 @@ import zarr
 from tqdm import tqdm
 
 from core import store as run_store
-from core.capture import Captured, Recorder
+from core.capture import ACT_NAMES, Captured, Recorder
 from core.datasets import DATASETS
+from core.memory import pin_mmap_threshold
 from core.generation import Timing, greedy_answers
 from core.models import LoadedModel, check_spec, context_length, load_model, load_tokenizer, number_tokens
 from core.prompts import TEMPLATE, Prompt, build_prompts, choose_format, parse_number, tokenize_prompt
@@ -178,13 +179,14 @@ def _prepare(spec: BuildSpec) -> Prepared:
 
 
 class BatchRunner:
-    """Runs one batch: prefill with activation capture, greedy answers, host-side arrays."""
+    """Runs one batch: prefill with activation capture, then greedy answers."""
 
     def __init__(self, model: LoadedModel, prep: Prepared, timing: Timing) -> None:
         self.model, self.prep, self.timing = model, prep, timing
         self.recorder = Recorder(model.hf_model)
 
-    def __call__(self, batch: list[int]) -> tuple[list[str], list[dict[str, np.ndarray]]]:
+    def __call__(self, batch: list[int]) -> tuple[list[str], Captured, list[int]]:
+        """Returns the answers, the activations (left-padded coordinates) and the pads."""
         prompts = [self.prep.prompts[i] for i in batch]
         width = max(len(p.tokens) for p in prompts)
         pads = [width - len(p.tokens) for p in prompts]
@@ -193,26 +195,28 @@ class BatchRunner:
         captured: dict = {}
         texts = greedy_answers(self.model, [p.tokens for p in prompts], self.prep.max_new_tokens,
                                self.timing, capture=(self.recorder, positions, captured))
-        return texts, _to_host(captured["out"], pads, self.prep.n_tokens)
+        return texts, captured["out"], pads
 
 
-def _to_host(c: Captured, pads: list[int], n_tokens: int) -> list[dict[str, np.ndarray]]:
-    """Returns per-seed float32 numpy activations; attention rows in each seed's own tokens."""
-    out = []
-    for j, pad in enumerate(pads):
-        rows = c.attn_rows[j, ..., pad:]
-        full = torch.zeros((*rows.shape[:-1], n_tokens), dtype=torch.float32, device=rows.device)
-        full[..., : rows.shape[-1]] = rows
-        seed = {"resid": c.resid[j], "attn_out": c.attn_out[j], "mlp_out": c.mlp_out[j],
-                "head_out": c.head_out[j], "attn_rows": full}
-        out.append({k: v.float().cpu().numpy() for k, v in seed.items()})
-    return out
+def _peaks(c: Captured) -> dict[str, float]:
+    return {name: float(getattr(c, name).abs().max()) for name in ACT_NAMES}
 
 
-def _dtypes(first: list[dict[str, np.ndarray]]) -> dict[str, str]:
+def _dtypes(peaks: dict[str, float]) -> dict[str, str]:
     """float16 for each array whose first batch stays well inside its range, else float32."""
-    return {name: "float16" if max(np.abs(s[name]).max() for s in first) < FLOAT16_LIMIT else "float32"
-            for name in first[0]}
+    return {name: "float16" if peak < FLOAT16_LIMIT else "float32" for name, peak in peaks.items()}
+
+
+def _seed_acts(c: Captured, j: int, pad: int, n_tokens: int, dtypes: dict[str, str]) -> dict[str, np.ndarray]:
+    """Returns row j's activations on the host in the store's dtypes; attention rows over
+    the seed's own tokens (the batch's left padding cut off, the run's length filled with 0)."""
+    out = {name: getattr(c, name)[j].to(getattr(torch, dtypes[name])).cpu().numpy()
+           for name in ("resid", "attn_out", "mlp_out", "head_out")}
+    rows = c.attn_rows[j, ..., pad:]
+    full = np.zeros((*rows.shape[:-1], n_tokens), dtype=dtypes["attn_rows"])
+    full[..., : rows.shape[-1]] = rows.to(getattr(torch, dtypes["attn_rows"])).cpu().numpy()
+    out["attn_rows"] = full
+    return out
 
 
 def _unembed(store: RunStore, model: LoadedModel) -> None:
@@ -224,8 +228,12 @@ def _unembed(store: RunStore, model: LoadedModel) -> None:
                         w_u.detach().float().cpu().numpy(), np.asarray(ids), text)
 
 
-def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "", progress: bool = True) -> str:
-    """Builds (or resumes) the run store for `spec` under `out_dir`; returns its location."""
+def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "", progress: bool = True,
+          model: LoadedModel | None = None) -> str:
+    """Builds (or resumes) the run store for `spec` under `out_dir`; returns its location.
+
+    `model`: an already loaded model of `spec.model` to use instead of loading one.
+    """
     _validate(spec)
     _check_out_dir(out_dir)
     path = run_path(spec, out_dir)
@@ -233,49 +241,54 @@ def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "
     if store is not None and store.done().all():
         _finish(store)
         return path
+    pin_mmap_threshold()
 
     prep = _prepare(spec)
     started = run_store.now()
-    model = load_model(spec.model, spec.device, spec.dtype)
-    timing, regressor_s = Timing(), 0.0
+    model = model or load_model(spec.model, spec.device, spec.dtype)
+    timing, regressor_s, write_s = Timing(), 0.0, 0.0
     run_batch = BatchRunner(model, prep, timing)
     batch_size = (spec.batch_size or (store.attrs["build"]["batch_size"] if store is not None else None)
                   or auto_batch_size(model, prep.n_tokens, spec.n_examples + 1))
     batches = _batches(len(spec.seeds), batch_size)
     mine = [b for k, b in enumerate(batches) if k % spec.shard[1] == spec.shard[0]]
-    first_result = None
+    first = None
     if store is None:
-        first_result = (mine[0], *run_batch(mine[0]))
-        store = _create(path, spec, prep, model, _dtypes(first_result[2]), started, batch_size)
+        first = run_batch(mine[0])
+        store = _create(path, spec, prep, model, _dtypes(_peaks(first[1])), started, batch_size)
 
     done = store.done()
     todo = [b for b in mine if not done[b].all()]
+    n_todo = int(sum((~done[b]).sum() for b in todo))
     regressors = [get_regressor(n) for n in spec.regressors]
-    bar = tqdm(total=int(sum((~done[b]).sum() for b in todo)), desc=spec.name(), unit="seed",
-               disable=not progress)
+    bar = tqdm(total=n_todo, desc=spec.name(), unit="seed", disable=not progress)
     for batch in todo:
-        if first_result is not None and batch == first_result[0]:
-            texts, acts = first_result[1:]
-        else:
-            texts, acts = run_batch(batch)
-        for i, text, a in zip(batch, texts, acts):
+        texts, captured, pads = first if first is not None and batch == mine[0] else run_batch(batch)
+        first = None
+        _check_range(store, _peaks(captured))
+        dtypes = {name: str(store.root[f"acts/{name}"].dtype) for name in ACT_NAMES}
+        for j, (i, text) in enumerate(zip(batch, texts)):
             if done[i]:
                 continue
-            _check_range(store, a)
             s = prep.samples[i]
             t0 = time.perf_counter()
             preds = predict_all(regressors, s.x_train, s.y_train, s.x_query, s.seed)
-            regressor_s += time.perf_counter() - t0
-            store.write_seed(i, np.concatenate([[parse_number(text)], preds]), text, a)
+            t1 = time.perf_counter()
+            acts = _seed_acts(captured, j, pads[j], prep.n_tokens, dtypes)
+            store.write_seed(i, np.concatenate([[parse_number(text)], preds]), text, acts)
+            regressor_s += t1 - t0
+            write_s += time.perf_counter() - t1
             bar.update(1)
+        del captured
     bar.close()
 
     session = {
-        "started": started, "finished": run_store.now(), "seeds_built": int(sum((~done[b]).sum() for b in todo)),
+        "started": started, "finished": run_store.now(), "seeds_built": n_todo,
         "shard": f"{spec.shard[0]}/{spec.shard[1]}", "device": _device_name(model.device),
         "command": command, "batch_size": batch_size,
         "prefill_s": round(timing.prefill_s, 3), "decode_s": round(timing.decode_s, 3),
-        "regressors_s": round(regressor_s, 3), "prefill_tokens": timing.prefill_tokens,
+        "regressors_s": round(regressor_s, 3), "write_s": round(write_s, 3),
+        "prefill_tokens": timing.prefill_tokens,
     }
     store.root.require_group("sessions").create_group(
         f"{started.replace(':', '')}-{spec.shard[0]}of{spec.shard[1]}-{socket.gethostname()}-{os.getpid()}",
@@ -313,13 +326,10 @@ def _create(path: str, spec: BuildSpec, prep: Prepared, model: LoadedModel, dtyp
     return store
 
 
-def _check_range(store: RunStore, acts: dict[str, np.ndarray]) -> None:
-    for name, value in acts.items():
-        arr = store.root[f"acts/{name}"]
-        if arr.dtype == np.float16:
-            peak = float(np.abs(value).max())
-            if not peak < np.finfo(np.float16).max:
-                store.promote_to_float32(name, f"a value of magnitude {peak:.4g} overflows float16")
+def _check_range(store: RunStore, peaks: dict[str, float]) -> None:
+    for name, peak in peaks.items():
+        if store.root[f"acts/{name}"].dtype == np.float16 and not peak < float(np.finfo(np.float16).max):
+            store.promote_to_float32(name, f"a value of magnitude {peak:.4g} overflows float16")
 
 
 def _finish(store: RunStore) -> None:

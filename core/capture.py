@@ -8,8 +8,8 @@ compatibility mode (LayerNorm not folded); the tests check both.
 Only the stored positions are copied out of each hook: nothing of size
 [batch, T, d_model] outlives the layer that made it. Attention rows of the stored
 positions are recomputed from their rotated queries and the keys the prefill wrote
-into the KV cache, `softmax(q k^T * scale + causal/padding mask)` in float32: what
-eager attention computes, at P/T of its cost.
+into the KV cache, `softmax(q k^T * scale + causal/padding mask)` in float32 (kept as
+float16): what eager attention computes, at P/T of its cost.
 """
 
 from contextlib import contextmanager
@@ -25,7 +25,7 @@ ACT_NAMES = ("resid", "attn_out", "mlp_out", "head_out", "attn_rows")
 
 @dataclass
 class Captured:
-    """One batch's activations (on the model's device, in the model's dtype but attn_rows)."""
+    """One batch's activations on the model's device: the model's dtype, attention rows float16."""
 
     resid: Float[Tensor, "b Lp1 P d"]
     attn_out: Float[Tensor, "b L P d"]
@@ -40,6 +40,8 @@ class Recorder:
     def __init__(self, hf_model: torch.nn.Module) -> None:
         self.layers = list(hf_model.model.layers)
         cfg = hf_model.config
+        self.d_model = int(cfg.hidden_size)
+        self.dtype = next(hf_model.parameters()).dtype
         self.n_heads = int(cfg.num_attention_heads)
         self.d_head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
 
@@ -57,13 +59,21 @@ class Recorder:
         t = key_mask.shape[1]
         allowed = (torch.arange(t, device=positions.device)[None, None, :] <= positions[:, :, None]) \
             & key_mask[:, None, :].bool()  # [b, P, T]
-        acts: dict[str, dict[int, Tensor]] = {name: {} for name in ACT_NAMES}
+        # Every output is allocated before the forward pass and filled layer by layer: no
+        # capture is held twice, and no small allocation lives on between the pass's large
+        # temporaries (which made glibc's heap fragment and grow by about 1 GB).
+        # Probabilities fit float16, what the store keeps.
+        new = lambda *shape, dtype=self.dtype: torch.empty(shape, dtype=dtype, device=positions.device)  # noqa: E731
+        out = Captured(resid=new(b, n_layers + 1, p, self.d_model), attn_out=new(b, n_layers, p, self.d_model),
+                       mlp_out=new(b, n_layers, p, self.d_model), head_out=new(b, n_layers, self.n_heads, self.d_model),
+                       attn_rows=new(b, n_layers, self.n_heads, p, t, dtype=torch.float16))
+        ran: set[int] = set()
         rope: dict[int, tuple[Tensor, Tensor]] = {}
         queries: dict[int, Tensor] = {}
 
         def layer_pre(i):
             def hook(mod, args, kwargs):
-                acts["resid"][i] = (args[0] if args else kwargs["hidden_states"])[rows, positions]
+                out.resid[:, i] = (args[0] if args else kwargs["hidden_states"])[rows, positions]
             return hook
 
         def attn_pre(i):
@@ -73,8 +83,8 @@ class Recorder:
             return hook
 
         def q_out(i):
-            def hook(mod, args, out):
-                q = out[rows, positions].view(b, p, self.n_heads, self.d_head).transpose(1, 2)
+            def hook(mod, args, result):
+                q = result[rows, positions].view(b, p, self.n_heads, self.d_head).transpose(1, 2)
                 cos, sin = rope[i]
                 queries[i] = apply_rotary_pos_emb(q, q, cos, sin)[0]  # [b, H, P, d_head]
             return hook
@@ -83,26 +93,27 @@ class Recorder:
             def hook(mod, args):
                 z = args[0][rows[:, 0], final].view(b, self.n_heads, self.d_head)
                 w = mod.weight.view(mod.weight.shape[0], self.n_heads, self.d_head)
-                acts["head_out"][i] = torch.einsum("bhk,dhk->bhd", z, w)
+                out.head_out[:, i] = torch.einsum("bhk,dhk->bhd", z, w)
             return hook
 
         def attn_out(i, scaling):
-            def hook(mod, args, kwargs, out):
-                acts["attn_out"][i] = out[0][rows, positions]
+            def hook(mod, args, kwargs, result):
+                out.attn_out[:, i] = result[0][rows, positions]
                 keys = kwargs["past_key_values"].layers[i].keys  # rotated, [b, kv, T, d_head]
                 keys = repeat_kv(keys, self.n_heads // keys.shape[1])
                 scores = torch.matmul(queries.pop(i).float(), keys.float().transpose(-1, -2)) * scaling
                 scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-                acts["attn_rows"][i] = torch.softmax(scores, dim=-1)
+                out.attn_rows[:, i] = torch.softmax(scores, dim=-1)
             return hook
 
         def mlp_out(i):
-            def hook(mod, args, out):
-                acts["mlp_out"][i] = out[rows, positions]
+            def hook(mod, args, result):
+                out.mlp_out[:, i] = result[rows, positions]
+                ran.add(i)
             return hook
 
-        def last_out(mod, args, out):
-            acts["resid"][n_layers] = (out[0] if isinstance(out, tuple) else out)[rows, positions]
+        def last_out(mod, args, result):
+            out.resid[:, n_layers] = (result[0] if isinstance(result, tuple) else result)[rows, positions]
 
         handles = []
         for i, layer in enumerate(self.layers):
@@ -122,7 +133,5 @@ class Recorder:
         finally:
             for h in handles:
                 h.remove()
-        if len(acts["resid"]) == n_layers + 1:
-            box["out"] = Captured(**{
-                name: torch.stack([acts[name][i] for i in sorted(acts[name])], dim=1) for name in ACT_NAMES
-            })
+        if len(ran) == n_layers:
+            box["out"] = out

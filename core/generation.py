@@ -58,7 +58,11 @@ def prefill(model: LoadedModel, ids: Int[Tensor, "b T"], mask: Int[Tensor, "b T"
     """
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    out = model.hf_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+    # Without padding no mask is passed: SDPA then runs its causal kernel instead of
+    # materialising [batch, heads, T, T] scores (about 300 MB per 1500-token prompt).
+    padded = bool((mask == 0).any())
+    out = model.hf_model(input_ids=ids.to(model.device),
+                         attention_mask=mask.to(model.device) if padded else None,
                          position_ids=position_ids.to(model.device), past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float(), out.past_key_values

@@ -108,3 +108,27 @@ def test_embedded_activations_equal_the_raw_hf_model(tmp_path):
     path = embedded_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     check_against_hf(store, eager_reference(hf), 2e-3, 2e-3)
+
+
+def test_float16_overflow_promotes_the_array_and_keeps_written_seeds(tmp_path, monkeypatch):
+    import cache_builder.build as builder
+
+    spec = BuildSpec("tiny-random-llama", "original1", 3, [0, 1, 2, 3], regressors=["mean"], batch_size=2)
+    ref = RunStore.open(build(spec, tmp_path / "ref", progress=False))
+    real, calls = builder._peaks, {"n": 0}
+
+    def peaks(c):
+        out = real(c)
+        calls["n"] += 1
+        if calls["n"] == 3:  # creation probe, first batch, then the second batch overflows
+            out["mlp_out"] = 1e6
+        return out
+
+    monkeypatch.setattr(builder, "_peaks", peaks)
+    got = RunStore.open(build(spec, tmp_path / "got", progress=False))
+    arr = got.root["acts/mlp_out"]
+    assert arr.dtype == np.float32 and "overflows float16" in arr.attrs["float32_because"]
+    assert got.root["acts/resid"].dtype == np.float16
+    want = ref.root["acts/mlp_out"][:].astype(np.float32)
+    np.testing.assert_array_equal(arr[:2], want[:2])  # written before: kept exactly
+    np.testing.assert_allclose(arr[2:], want[2:], rtol=1e-3, atol=1e-3 * np.abs(want).max())
