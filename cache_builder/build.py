@@ -19,8 +19,8 @@ from tqdm import tqdm
 from core import store as run_store
 from core.capture import ACT_NAMES, Captured, Recorder
 from core.datasets import DATASETS
-from core.memory import pin_mmap_threshold
 from core.generation import Timing, greedy_answers
+from core.memory import pin_mmap_threshold
 from core.models import LoadedModel, check_spec, context_length, load_model, load_tokenizer, number_tokens
 from core.prompts import TEMPLATE, Prompt, build_prompts, choose_format, parse_number, tokenize_prompt
 from core.regressors import default_suite, get_regressor, predict_all

@@ -59,10 +59,8 @@ class Recorder:
         t = key_mask.shape[1]
         allowed = (torch.arange(t, device=positions.device)[None, None, :] <= positions[:, :, None]) \
             & key_mask[:, None, :].bool()  # [b, P, T]
-        # Every output is allocated before the forward pass and filled layer by layer: no
-        # capture is held twice, and no small allocation lives on between the pass's large
-        # temporaries (which made glibc's heap fragment and grow by about 1 GB).
-        # Probabilities fit float16, what the store keeps.
+        # Every output is allocated before the forward pass and filled layer by layer, so
+        # no capture is held twice. Probabilities fit float16, what the store keeps.
         new = lambda *shape, dtype=self.dtype: torch.empty(shape, dtype=dtype, device=positions.device)  # noqa: E731
         out = Captured(resid=new(b, n_layers + 1, p, self.d_model), attn_out=new(b, n_layers, p, self.d_model),
                        mlp_out=new(b, n_layers, p, self.d_model), head_out=new(b, n_layers, self.n_heads, self.d_model),
