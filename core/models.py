@@ -112,12 +112,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _wrap(spec: str, hf_model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-          device: torch.device) -> LoadedModel:
+          device: torch.device, name: str | None = None) -> LoadedModel:
     cfg = hf_model.config
     n_heads = int(cfg.num_attention_heads)
     info = {
         "spec": spec,
-        "name": getattr(cfg, "_name_or_path", "") or spec,
+        "name": name or getattr(cfg, "_name_or_path", "") or spec,
         "architecture": type(hf_model).__name__,
         "n_layers": int(cfg.num_hidden_layers),
         "d_model": int(cfg.hidden_size),
@@ -156,7 +156,8 @@ def _load_smollm2(device: torch.device, dtype: torch.dtype) -> LoadedModel:
         warnings.simplefilter("ignore")
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
                                                   attn_implementation="sdpa")
-    return _wrap("smollm2-135m", hf.to(device), tokenizer, device)
+    return _wrap("smollm2-135m", hf.to(device), tokenizer, device,
+                 name=f"SmolLM2-135M-Instruct ({path.name} from {EMBEDDED_PACKAGE} {EMBEDDED_VERSION})")
 
 
 def tiny_random_llama_hf(seed: int = 0) -> torch.nn.Module:
@@ -176,7 +177,7 @@ def tiny_random_llama_hf(seed: int = 0) -> torch.nn.Module:
 
 def _load_tiny(device: torch.device, dtype: torch.dtype) -> LoadedModel:
     return _wrap("tiny-random-llama", tiny_random_llama_hf().to(device=device, dtype=dtype),
-                 embedded_tokenizer(), device)
+                 embedded_tokenizer(), device, name="random-init 2-layer Llama, SmolLM2 tokenizer")
 
 
 def _require_local(spec: str) -> Any:
