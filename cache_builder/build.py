@@ -359,8 +359,9 @@ CPU_BATCH = 4
 def auto_batch_size(model: LoadedModel, n_tokens: int, n_positions: int) -> int:
     """Returns a batch size: 4 on the CPU; on a GPU, what 60% of its free memory holds.
 
-    Per sequence: the KV cache, the MLP's widest temporaries and the float32 attention
-    rows of the stored positions (the eager pattern is never materialised: SDPA).
+    Per sequence: the KV cache, the MLP's widest temporaries and the attention rows of
+    the stored positions, counted at 4 bytes for their float32 scores though they are
+    kept as float16 (the eager pattern is never materialised: SDPA).
     """
     if model.device.type != "cuda":
         return CPU_BATCH
