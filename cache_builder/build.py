@@ -19,11 +19,13 @@ from tqdm import tqdm
 from core import store as run_store
 from core.capture import ACT_NAMES, Captured, Recorder
 from core.datasets import DATASETS
-from core.generation import Timing, greedy_answers
+from core.candidates import SeedCandidates, build_trie, candidate_texts, teacher_force
+from core.generation import Decoded, Timing, greedy_answers
 from core.memory import pin_mmap_threshold
 from core.models import LoadedModel, check_spec, context_length, load_model, load_tokenizer, number_tokens
 from core.prompts import TEMPLATE, Prompt, build_prompts, choose_format, parse_number, tokenize_prompt
 from core.regressors import default_suite, get_regressor, predict_all
+from core.summary import seed_summary
 from core.store import FLOAT16_LIMIT, MODEL_COLUMN, ActsLayout, Layout, RunStore, StoreError, location
 
 DEFAULT_CACHE = Path("cache")
@@ -179,13 +181,14 @@ def _prepare(spec: BuildSpec) -> Prepared:
 
 
 class BatchRunner:
-    """Runs one batch: prefill with activation capture, then greedy answers."""
+    """Runs one batch: prefill with activation capture, then greedy answers; then the
+    candidates' teacher-forced pass."""
 
-    def __init__(self, model: LoadedModel, prep: Prepared, timing: Timing) -> None:
-        self.model, self.prep, self.timing = model, prep, timing
+    def __init__(self, model: LoadedModel, prep: Prepared, timing: Timing, n_columns: int) -> None:
+        self.model, self.prep, self.timing, self.n_columns = model, prep, timing, n_columns
         self.recorder = Recorder(model.hf_model)
 
-    def __call__(self, batch: list[int]) -> tuple[list[str], Captured, list[int]]:
+    def __call__(self, batch: list[int]) -> tuple[Decoded, Captured, list[int]]:
         """Returns the answers, the activations (left-padded coordinates) and the pads."""
         prompts = [self.prep.prompts[i] for i in batch]
         width = max(len(p.tokens) for p in prompts)
@@ -193,9 +196,21 @@ class BatchRunner:
         positions = torch.as_tensor(np.stack([p.answer_slots + pad for p, pad in zip(prompts, pads)]),
                                     dtype=torch.long, device=self.model.device)
         captured: dict = {}
-        texts = greedy_answers(self.model, [p.tokens for p in prompts], self.prep.max_new_tokens,
-                               self.timing, capture=(self.recorder, positions, captured))
-        return texts, captured["out"], pads
+        decoded = greedy_answers(self.model, [p.tokens for p in prompts], self.prep.max_new_tokens,
+                                 self.timing, capture=(self.recorder, positions, captured))
+        return decoded, captured["out"], pads
+
+    def candidates(self, batch: list[int], decoded: Decoded, preds: list[np.ndarray]) -> list[SeedCandidates]:
+        """Returns each seed's candidate arrays; `preds[j]` is row j's columns (model first)."""
+        tok, fmt = self.model.tokenizer, self.prep.fmt
+        tries = []
+        for i, text, values in zip(batch, decoded.texts, preds):
+            s = self.prep.samples[i]
+            answers = candidate_texts(s.y_true, text, values[1:], fmt, s.x_train.shape[1])
+            tries.append(build_trie(int(self.prep.prompts[i].tokens[-1]),
+                                    [None if a is None else tok.encode(a, add_special_tokens=False) for a in answers]))
+        return teacher_force(self.model, tries, decoded.cache, decoded.prompt_mask,
+                             self.prep.max_new_tokens, 2 * (self.n_columns + 1))
 
 
 def _peaks(c: Captured) -> dict[str, float]:
@@ -246,8 +261,8 @@ def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "
     prep = _prepare(spec)
     started = run_store.now()
     model = model or load_model(spec.model, spec.device, spec.dtype)
-    timing, regressor_s, write_s = Timing(), 0.0, 0.0
-    run_batch = BatchRunner(model, prep, timing)
+    timing, regressor_s, candidates_s, write_s = Timing(), 0.0, 0.0, 0.0
+    run_batch = BatchRunner(model, prep, timing, 1 + len(spec.regressors))
     batch_size = (spec.batch_size or (store.attrs["build"]["batch_size"] if store is not None else None)
                   or auto_batch_size(model, prep.n_tokens, spec.n_examples + 1))
     batches = _batches(len(spec.seeds), batch_size)
@@ -263,23 +278,25 @@ def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "
     regressors = [get_regressor(n) for n in spec.regressors]
     bar = tqdm(total=n_todo, desc=spec.name(), unit="seed", disable=not progress)
     for batch in todo:
-        texts, captured, pads = first if first is not None and batch == mine[0] else run_batch(batch)
+        decoded, captured, pads = first if first is not None and batch == mine[0] else run_batch(batch)
         first = None
         _check_range(store, _peaks(captured))
         dtypes = {name: str(store.root[f"acts/{name}"].dtype) for name in ACT_NAMES}
-        for j, (i, text) in enumerate(zip(batch, texts)):
+        t0 = time.perf_counter()
+        preds = [np.concatenate([[parse_number(text)], predict_all(regressors, s.x_train, s.y_train, s.x_query, s.seed)])
+                 for text, s in zip(decoded.texts, (prep.samples[i] for i in batch))]
+        t1 = time.perf_counter()
+        cands = run_batch.candidates(batch, decoded, preds)
+        t2 = time.perf_counter()
+        regressor_s, candidates_s = regressor_s + t1 - t0, candidates_s + t2 - t1
+        for j, i in enumerate(batch):
             if done[i]:
                 continue
-            s = prep.samples[i]
-            t0 = time.perf_counter()
-            preds = predict_all(regressors, s.x_train, s.y_train, s.x_query, s.seed)
-            t1 = time.perf_counter()
             acts = _seed_acts(captured, j, pads[j], prep.n_tokens, dtypes)
-            store.write_seed(i, np.concatenate([[parse_number(text)], preds]), text, acts)
-            regressor_s += t1 - t0
-            write_s += time.perf_counter() - t1
+            store.write_seed(i, preds[j], decoded.texts[j], acts, cands[j], seed_summary(acts, prep.prompts[i]))
             bar.update(1)
-        del captured
+        write_s += time.perf_counter() - t2
+        del captured, decoded
     bar.close()
 
     session = {
@@ -287,7 +304,7 @@ def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "
         "shard": f"{spec.shard[0]}/{spec.shard[1]}", "device": _device_name(model.device),
         "command": command, "batch_size": batch_size,
         "prefill_s": round(timing.prefill_s, 3), "decode_s": round(timing.decode_s, 3),
-        "regressors_s": round(regressor_s, 3), "write_s": round(write_s, 3),
+        "regressors_s": round(regressor_s, 3), "candidates_s": round(candidates_s, 3), "write_s": round(write_s, 3),
         "prefill_tokens": timing.prefill_tokens,
     }
     store.root.require_group("sessions").create_group(
@@ -317,7 +334,8 @@ def _create(path: str, spec: BuildSpec, prep: Prepared, model: LoadedModel, dtyp
         "build": {"started": started, "finished": None, "device": _device_name(model.device),
                   "command": "", "sessions": [], "batch_size": batch_size},
     }
-    layout = Layout(len(spec.seeds), spec.n_examples, dataset.n_features, len(columns), prep.n_tokens)
+    layout = Layout(len(spec.seeds), spec.n_examples, dataset.n_features, len(columns), prep.n_tokens,
+                    prep.max_new_tokens)
     acts = ActsLayout(info["n_layers"], info["d_model"], info["n_heads"], spec.n_examples + 1, dtypes)
     store = run_store.create(path, layout, acts, attrs)
     store.write_inputs(prep.samples, prep.prompts)

@@ -1,4 +1,4 @@
-"""`python -m cache_builder build | consolidate | leaderboard | info`: one-line errors, exit code 2."""
+"""`python -m cache_builder build | consolidate | leaderboard | export | info`: one-line errors, exit code 2."""
 
 import argparse
 import errno
@@ -6,13 +6,18 @@ import shlex
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from cache_builder.build import DEFAULT_CACHE, BuildError, BuildSpec, build, consolidate
-from core.leaderboard import store_leaderboard
-from core.models import ModelUnavailable
+from core.candidates import TRUTH
+from core.leaderboard import SUBSETS, store_leaderboard
+from core.logit_diff import load_candidates
+from core.models import ModelUnavailable, load_tokenizer
 from core.prompts import FORMATS, PromptError
 from core.registry import UnknownName
 from core.regressors import default_suite
-from core.store import RunStore, StoreError, describe
+from core.store import MODEL_COLUMN, RunStore, StoreError, describe
+from core.tables import EXPORTS, View
 
 EXIT_BAD_INPUT = 2
 
@@ -89,6 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("run", help="store path or name under --cache")
     lb.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     lb.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    ex = sub.add_parser("export", help="write one of the app's tables as CSV (README: 'Exporting')")
+    ex.add_argument("run", help="store path or name under --cache")
+    ex.add_argument("table", help=", ".join(EXPORTS))
+    ex.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ex.add_argument("--pair", default=f"{TRUTH},{MODEL_COLUMN}", help="A,B: candidates of the logit difference")
+    ex.add_argument("--subset", default="all", help=", ".join(SUBSETS))
+    ex.add_argument("--versus", help="the regressor of the model-better / model-worse subsets")
+    ex.add_argument("--seed", type=int, help="the seed of the prompt, answers and attention tables")
+    ex.add_argument("--layer", type=int, default=0, help="the layer of the attention table")
+    ex.add_argument("--out", help="CSV file (default: standard output)")
     info = sub.add_parser("info", help="describe a run store")
     info.add_argument("run")
     info.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -112,7 +127,13 @@ def _run(argv: list[str]) -> int:
         print(describe(consolidate(resolve_run(args.run, args.cache))))
         return 0
     store = RunStore.open(resolve_run(args.run, args.cache))
-    if args.command == "info":
+    if args.command == "export":
+        table = export(store, args)
+        if args.out:
+            table.to_csv(args.out, index=False)
+        else:
+            print(table.to_csv(index=False), end="")
+    elif args.command == "info":
         print(describe(store))
     elif args.command == "leaderboard":
         table = store_leaderboard(store)
@@ -123,6 +144,21 @@ def _run(argv: list[str]) -> int:
             print(f"{store.name}: {int(done.sum())}/{len(done)} seeds done")
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
+
+
+def export(store: RunStore, args: argparse.Namespace) -> pd.DataFrame:
+    """Returns the table `args.table` of the app for the view the arguments describe."""
+    if args.table not in EXPORTS:
+        raise CliError(f"unknown table {args.table!r}; use one of {', '.join(EXPORTS)}")
+    pair = args.pair.split(",")
+    if len(pair) != 2:
+        raise CliError(f"--pair {args.pair!r}: give two candidates as A,B")
+    view = View(a=pair[0], b=pair[1], subset=args.subset, versus=args.versus, seed=args.seed, layer=args.layer)
+    try:
+        cands = load_candidates(store)
+        return EXPORTS[args.table](store, view, cands, load_tokenizer(store.attrs["model"]["spec"]))
+    except (KeyError, ValueError, IndexError) as exc:
+        raise CliError(str(exc).strip("'\"")) from None
 
 
 def main(argv: list[str] | None = None) -> int:

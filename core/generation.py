@@ -73,9 +73,18 @@ def answer_complete(text: str) -> bool:
     return _COMPLETE.match(text) is not None
 
 
+@dataclass
+class Decoded:
+    """A batch's greedy answers, the KV cache the decoding left and the prompts' mask."""
+
+    texts: list[str]
+    cache: DynamicCache
+    prompt_mask: Int[Tensor, "b T"]
+
+
 @torch.inference_mode()
 def greedy_answers(model: LoadedModel, prompts: list[np.ndarray], max_new_tokens: int,
-                   timing: Timing | None = None, capture: tuple | None = None) -> list[str]:
+                   timing: Timing | None = None, capture: tuple | None = None) -> Decoded:
     """Returns each prompt's greedy continuation as text (stopped once a number is complete).
 
     `capture=(recorder, positions, box)` records the prefill's activations at `positions`
@@ -94,7 +103,7 @@ def greedy_answers(model: LoadedModel, prompts: list[np.ndarray], max_new_tokens
         box.update(got)
     _sync(model.device)
     t1 = time.perf_counter()
-    mask = mask.to(model.device)
+    mask = prompt_mask = mask.to(model.device)
     positions = mask.sum(-1, keepdim=True) - 1
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
@@ -118,4 +127,4 @@ def greedy_answers(model: LoadedModel, prompts: list[np.ndarray], max_new_tokens
         timing.prefill_tokens += int(ids.numel())
         timing.decode_steps += len(generated[0])
         timing.batches.append(len(prompts))
-    return [tok.decode(g, skip_special_tokens=True) for g in generated]
+    return Decoded([tok.decode(g, skip_special_tokens=True) for g in generated], cache, prompt_mask)

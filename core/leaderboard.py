@@ -48,3 +48,43 @@ def store_leaderboard(store: RunStore) -> pd.DataFrame:
     """Returns the leaderboard over the finished seeds of a run store."""
     done = store.done()
     return leaderboard(store.predictions()[done], store.y_true()[done], store.columns)
+
+
+SUBSETS = ("all", "model-better", "model-worse", "model-low-error")
+SELECTION_BIAS = ("Chosen by the model's own error: the model looks better on this subset by construction, "
+                  "so comparing it with the regressors here is biased (a flaw of the original analysis).")
+
+
+def seed_subset(predictions: Float[np.ndarray, "s R"], y_true: Float[np.ndarray, " s"], columns: list[str],
+                kind: str, versus: str | None = None) -> tuple[np.ndarray, str]:
+    """Returns a boolean mask over seeds and a note saying how it was chosen.
+
+    - `all`; `model-better` / `model-worse`: the model's absolute error is smaller /
+      larger than regressor `versus`'s (a failed answer is worse than any number);
+    - `model-low-error`: seeds where the model's error is at most its median (biased:
+      the note says so).
+    """
+    err = np.where(np.isnan(abs_errors(predictions, y_true)), np.inf, abs_errors(predictions, y_true))
+    model = err[:, columns.index(MODEL_COLUMN)]
+    if kind == "all":
+        return np.ones(len(y_true), bool), "all seeds"
+    if kind in ("model-better", "model-worse"):
+        if versus not in columns or versus == MODEL_COLUMN:
+            raise ValueError(f"subset {kind} needs a regressor to compare with, one of {', '.join(columns[1:])}")
+        other = err[:, columns.index(versus)]
+        mask = model < other if kind == "model-better" else model > other
+        return mask, f"seeds where the model's absolute error is {'below' if kind == 'model-better' else 'above'} {versus}'s"
+    if kind == "model-low-error":
+        return model <= np.median(model), SELECTION_BIAS
+    raise ValueError(f"unknown subset {kind!r}; use one of {', '.join(SUBSETS)}")
+
+
+def beats_all(predictions: Float[np.ndarray, "s R"], y_true: Float[np.ndarray, " s"], columns: list[str],
+              baselines: tuple[str, ...] = ("mean", "last", "random")) -> float:
+    """Returns the share of seeds where the model's error is below every classical
+    regressor's (the baselines left out; a failed answer never wins)."""
+    err = np.where(np.isnan(abs_errors(predictions, y_true)), np.inf, abs_errors(predictions, y_true))
+    others = [j for j, c in enumerate(columns) if c != MODEL_COLUMN and c not in baselines]
+    if not others:
+        return float("nan")
+    return float((err[:, [columns.index(MODEL_COLUMN)]] < err[:, others]).all(1).mean())

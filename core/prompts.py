@@ -187,7 +187,13 @@ def build_prompts(samples: Sequence[Sample], fmt: NumberFormat,
 _NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 
 
+def number_text(text: str) -> str | None:
+    """Returns the first number in the model's answer as written, or None when there is none."""
+    match = _NUMBER.search(text)
+    return match.group() if match else None
+
+
 def parse_number(text: str) -> float:
     """Returns the first number in the model's answer, or NaN when there is none."""
-    match = _NUMBER.search(text)
-    return float(match.group()) if match else float("nan")
+    found = number_text(text)
+    return float("nan") if found is None else float(found)

@@ -22,7 +22,12 @@ import zarr
 from jaxtyping import Bool, Float, Int
 from zarr.codecs import BloscCodec
 
-SCHEMA_VERSION = 1
+from core import candidates as core_candidates
+from core import summary as core_summary
+from core.heads import HEAD_SCORES
+from core.candidates import TRUTH, SeedCandidates
+
+SCHEMA_VERSION = 2  # 2: candidates/
 MODEL_COLUMN = "model"
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
 
@@ -53,6 +58,7 @@ class Layout:
     n_features: int
     n_columns: int
     n_tokens: int
+    n_steps: int  # the longest answer, in tokens
 
 
 @dataclass(frozen=True)
@@ -110,8 +116,29 @@ def create(path: str | Path, layout: Layout, acts: ActsLayout, attrs: dict) -> "
         chunk = (1, 1, *shape[2:])
         group.create_array(name, shape=shape, chunks=chunk, shards=(1, *shape[1:]),
                            dtype=acts.dtypes[name], fill_value=0, compressors=ACT_CODEC)
+    _create_candidates(root, layout, acts, [TRUTH, *attrs["regressors"]])
+    summary = root.create_group("summary")
+    summary.attrs["doc"] = core_summary.__doc__
+    summary.attrs["head_scores"] = list(HEAD_SCORES)
+    _per_seed(summary, "final_resid", (s, acts.n_layers + 1, acts.d_model), "float32", np.nan)
+    _per_seed(summary, "mlp_norm", (s, acts.n_layers, acts.n_positions), "float32", np.nan)
+    _per_seed(summary, "head_scores", (s, len(HEAD_SCORES), acts.n_layers, acts.n_heads), "float32", np.nan)
     root.attrs.update({"schema_version": SCHEMA_VERSION, **attrs})
     return RunStore(path, root)
+
+
+def _create_candidates(root: zarr.Group, layout: Layout, acts: ActsLayout, names: list[str]) -> None:
+    s, c, k, n_layers, h = layout.n_seeds, len(names), layout.n_steps, acts.n_layers, acts.n_heads
+    e = 2 * c  # a trie with c leaves has at most 2(c - 1) edges out of its branching nodes
+    g = root.create_group("candidates")
+    g.attrs.update({"names": names, "doc": core_candidates.__doc__})
+    _per_seed(g, "tokens", (s, c, k), "int32", -1)
+    _per_seed(g, "logprob", (s, c, k), "float32", np.nan)
+    _per_seed(g, "edge", (s, c, k), "int32", -1)
+    for name, shape in {"rms": (s, e, n_layers + 1), "dla_embed": (s, e), "dla_heads": (s, e, n_layers, h),
+                        "dla_mlp": (s, e, n_layers)}.items():
+        g.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype="float32", fill_value=np.nan,
+                       compressors=ACT_CODEC)
 
 
 class RunStore:
@@ -244,10 +271,15 @@ class RunStore:
         g.create_array("token_text", shape=(len(token_text),), dtype=str, fill_value="")[:] = np.array(token_text)
 
     def write_seed(self, index: int, predictions: Float[np.ndarray, " R"], text: str,
-                   acts: dict[str, np.ndarray]) -> None:
-        """Writes one seed's activations, predictions and raw answer, then marks it done."""
+                   acts: dict[str, np.ndarray], candidates: SeedCandidates, summary: dict[str, np.ndarray]) -> None:
+        """Writes one seed's activations, candidates, summaries, predictions and raw answer,
+        then marks it done."""
         for name, value in acts.items():
             self.root[f"acts/{name}"][index] = value
+        for name, value in summary.items():
+            self.root[f"summary/{name}"][index] = value
+        for name, value in vars(candidates).items():
+            self.root[f"candidates/{name}"][index] = value
         self.root["predictions"][index] = predictions
         self.root["llm_text"][index] = text
         self.root["done"][index] = True

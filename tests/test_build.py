@@ -49,7 +49,7 @@ def test_regressors_fit_exactly_the_values_in_the_prompt(tiny_store, tokenizer):
         assert preds[i, col["mean"]] == pytest.approx(y.mean())
     assert store.done().all()
     a = store.attrs
-    assert a["schema_version"] == 1 and a["seeds"] == [3, 4, 5, 6, 7]
+    assert a["schema_version"] == 2 and a["seeds"] == [3, 4, 5, 6, 7]
     assert a["model"]["n_layers"] == 2 and a["model"]["compatibility_mode"] is False
     assert a["dataset"] == {"name": "friedman2", "n_features": 4, "n_examples": 6,
                             "description": a["dataset"]["description"]}
@@ -84,8 +84,8 @@ def test_batched_left_padded_decoding_equals_one_by_one(tiny, tokenizer):
     samples = [DATASETS["linear-ni22"].sample(s, 4) for s in range(3)]
     prompts = build_prompts(samples, choose_format("natural", samples, tokenizer), tokenizer)
     assert len({len(p.tokens) for p in prompts}) > 1
-    batched = greedy_answers(tiny, [p.tokens for p in prompts], 6)
-    single = [greedy_answers(tiny, [p.tokens], 6)[0] for p in prompts]
+    batched = greedy_answers(tiny, [p.tokens for p in prompts], 6).texts
+    single = [greedy_answers(tiny, [p.tokens], 6).texts[0] for p in prompts]
     assert batched == single
 
 

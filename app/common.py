@@ -1,0 +1,153 @@
+"""What every page shares: the run picker, selections kept in the URL, store handles,
+CSV downloads and readable errors. Numbers come from `core.tables`; pages lay them out."""
+
+import os
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from core.leaderboard import SUBSETS
+from core.logit_diff import Candidates, load_candidates
+from core.models import ModelUnavailable, load_tokenizer
+from core.store import MODEL_COLUMN, RunStore, StoreError
+from core.tables import View, find_runs, subset_mask
+
+CACHE = Path(os.environ.get("WORKBENCH_CACHE", "cache"))
+SUBSET_LABELS = {"all": "all seeds", "model-better": "model better than a regressor",
+                 "model-worse": "model worse than a regressor",
+                 "model-low-error": "model's error at most its median (biased)"}
+
+
+def param(key: str, default: str | None = None) -> str | None:
+    """Returns a selection from the URL, else the session (pages share it), else `default`."""
+    return st.query_params.get(key) or st.session_state.get(f"param:{key}") or default
+
+
+def set_param(key: str, value: object) -> None:
+    """Keeps a selection in the URL (a link reproduces the view) and in the session."""
+    if value is None:
+        st.query_params.pop(key, None)
+        st.session_state.pop(f"param:{key}", None)
+    else:
+        st.query_params[key] = str(value)
+        st.session_state[f"param:{key}"] = str(value)
+
+
+def choose(label: str, key: str, options: list, default=None, sidebar: bool = True, **kw):
+    """A selectbox whose choice lives in the URL under `key`."""
+    options = list(options)
+    wanted = param(key)
+    names = [str(o) for o in options]
+    index = names.index(wanted) if wanted in names else (options.index(default) if default in options else 0)
+    where = st.sidebar if sidebar else st
+    value = where.selectbox(label, options, index=index, key=f"w:{key}", **kw)
+    set_param(key, value)
+    return value
+
+
+@st.cache_resource(show_spinner=False)
+def open_store(path: str, mtime: float) -> RunStore:
+    """A store handle, reopened when the store changes (`mtime` of its metadata)."""
+    return RunStore.open(path)
+
+
+@st.cache_resource(show_spinner=False)
+def store_candidates(path: str, mtime: float) -> Candidates:
+    return load_candidates(open_store(path, mtime))
+
+
+@st.cache_resource(show_spinner=False)
+def tokenizer(spec: str):
+    return load_tokenizer(spec)
+
+
+def _mtime(path: Path) -> float:
+    meta = path / "zarr.json"
+    return meta.stat().st_mtime if meta.exists() else 0.0
+
+
+def header(title: str, what: str) -> None:
+    st.title(title)
+    st.caption(what)
+
+
+def pick_run() -> tuple[RunStore, Path]:
+    """The sidebar's run picker; stops the page with a readable message when no store can be used."""
+    runs = find_runs(CACHE)
+    if not runs:
+        st.info(f"No run store under `{CACHE.resolve()}`. Build one with `make run`, or "
+                "`python -m cache_builder build ...` (README), or set WORKBENCH_CACHE to the cache directory.")
+        st.stop()
+    names = [p.name.removesuffix(".zarr") for p in runs]
+    wanted = param("run")
+    if wanted and wanted.removesuffix(".zarr") not in names:
+        st.warning(f"The link names run `{wanted}`, which is not under `{CACHE}`; showing another.")
+    name = choose("Run", "run", names, sidebar=True)
+    path = runs[names.index(name)]
+    try:
+        store = open_store(str(path), _mtime(path))
+    except StoreError as exc:
+        st.error(f"This run store cannot be read: {exc}")
+        st.stop()
+    if not store.done().any():
+        st.warning("No seed of this run is finished yet: its build is still running or was stopped. "
+                   "Run its build command again to resume it.")
+        st.stop()
+    return store, path
+
+
+def run_candidates(store: RunStore, path: Path) -> Candidates:
+    return store_candidates(str(path), _mtime(path))
+
+
+def run_tokenizer(store: RunStore):
+    spec = store.attrs["model"]["spec"]
+    try:
+        return tokenizer(spec)
+    except ModelUnavailable as exc:
+        st.error(f"The tokenizer of {spec} is not available on this machine: {exc}")
+        st.stop()
+
+
+def pick_seed(store: RunStore) -> int:
+    done = [s for s, d in zip(store.seeds, store.done()) if d]
+    return int(choose("Seed", "seed", done))
+
+
+def pick_subset(store: RunStore) -> View:
+    """The sidebar's seed subset; returns the view with it (and its note shown)."""
+    subset = choose("Seeds", "subset", list(SUBSETS), format_func=lambda s: SUBSET_LABELS[s])
+    versus = None
+    if subset in ("model-better", "model-worse"):
+        versus = choose("… than", "versus", [c for c in store.columns if c != MODEL_COLUMN],
+                        default="linear" if "linear" in store.columns else None)
+    else:
+        set_param("versus", None)
+    view = View(subset=subset, versus=versus)
+    mask, note = subset_mask(store, view)
+    (st.sidebar.warning if subset == "model-low-error" else st.sidebar.caption)(f"{note}: {int(mask.sum())} seeds.")
+    if not mask.any():
+        st.warning("No seed is in this subset; choose another.")
+        st.stop()
+    return view
+
+
+def pick_pair(names: list[str]) -> tuple[str, str]:
+    a = choose("Candidate A", "a", names, default="truth")
+    b = choose("Candidate B", "b", names, default=MODEL_COLUMN)
+    if a == b:
+        st.warning("A and B are the same candidate: their difference is zero. Choose two.")
+        st.stop()
+    return a, b
+
+
+def download(table: pd.DataFrame, name: str, label: str = "CSV") -> None:
+    """A CSV download of a chart's data."""
+    st.download_button(f"Download {label}", table.to_csv(index=False).encode(), file_name=f"{name}.csv",
+                       mime="text/csv", key=f"dl:{name}", on_click="ignore")
+
+
+def chart(c: alt.Chart) -> None:
+    st.altair_chart(c, width="stretch")

@@ -1,0 +1,44 @@
+"""Leaderboard: every regressor's error against the truth, per-seed error distributions,
+and how often the model beats the classical regressors."""
+
+import altair as alt
+import streamlit as st
+
+from app.common import chart, download, header, pick_run, pick_subset
+from core.leaderboard import beats_all
+from core.tables import finished, leaderboard_table, seed_errors, subset_mask
+
+header("Leaderboard", "Mean and median squared and absolute error over seeds; failures are unparsable answers "
+       "(never dropped, never scored 0).")
+store, _ = pick_run()
+view = pick_subset(store)
+table = leaderboard_table(store, view)
+rows = finished(store)[subset_mask(store, view)[0]]
+share = beats_all(store.predictions()[rows], store.y_true()[rows], store.columns)
+model = table[table.regressor == "model"].iloc[0]
+c1, c2, c3 = st.columns(3)
+c1.metric("Seeds", len(rows))
+c2.metric("Model beats every classical regressor", f"{share:.0%} of seeds",
+          help="its absolute error is below every regressor's except the mean / last / random baselines")
+c3.metric("Model's rank by mean squared error", f"{int(table.index[table.regressor == 'model'][0]) + 1} / {len(table)}")
+if model.failures:
+    st.warning(f"The model failed to give a number on {int(model.failures)} seeds: those count as losses.")
+st.dataframe(table.style.apply(lambda r: ["background-color:#fee2e2" if r.regressor == "model" else ""] * len(r),
+                               axis=1).format(precision=4), hide_index=True)
+st.caption("beats_model: share of seeds where the regressor's absolute error is smaller than the model's. "
+           "avg_rank: mean rank by absolute error among all columns (1 = best).")
+download(table, "leaderboard")
+
+st.subheader("Per-seed absolute error")
+errors = seed_errors(store, view)
+order = table.regressor.tolist()
+ok = errors.dropna()
+ok = ok[ok.abs_error > 0]
+chart(alt.Chart(ok).mark_boxplot(extent="min-max").encode(
+    x=alt.X("abs_error", scale=alt.Scale(type="log"), title="absolute error (log scale)"),
+    y=alt.Y("regressor", sort=order, title=None),
+    color=alt.condition(alt.datum.regressor == "model", alt.value("#d62728"), alt.value("#1f77b4"))
+).properties(height=18 * len(order)))
+st.caption(f"Sorted by mean squared error. {int((errors.abs_error == 0).sum())} exact answers (error 0) "
+           "cannot be shown on a log scale and are left out of the plot only.")
+download(errors, "seed-errors", "per-seed errors")

@@ -1,0 +1,220 @@
+"""Candidate answers under teacher forcing: their log-probabilities, and what each
+layer, head and MLP adds to the logit of every token where two candidates part.
+
+A seed's candidates are the truth, the model's own answer and every regressor's
+prediction, each written in the run's number format and tokenized. Their token
+sequences form a trie rooted at the prompt's final token. One forward pass over all
+trie nodes at once (tree attention: a node sees the prompt and its own ancestors, at
+the position it has in its own sequence) gives, at every node, what the model would
+compute had it been fed that prefix. The prompt is not run again: the pass reuses the
+prefill's KV cache.
+
+Stored per seed (group `candidates/` of the run store):
+- `tokens [C, K]` each candidate's answer tokens (-1 after its end; all -1 when the
+  candidate is NaN or longer than K), `logprob [C, K]` log p(token k | prompt, tokens < k).
+- edges: a trie node with two or more children is where candidates part; each of its
+  (node, child token) edges gets an index, and `edge [C, K]` says which edge step k of
+  candidate c takes (-1 where its node has one child). Per edge: `rms [E, L+1]` the
+  root mean square (with eps) of the residual stream at the node before each layer and
+  after the last; `dla_embed [E]`, `dla_heads [E, L, H]`, `dla_mlp [E, L]` each
+  component's output dotted with `norm_weight * W_U[:, token]`, not yet divided by rms.
+The logit lens at layer l is the sum of the components before l divided by `rms[l]`;
+the direct logit attribution of a component divides by `rms[L]` (the final norm's
+scale, frozen). Llama's residual stream is exactly the sum of these components.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformers import DynamicCache
+
+from core.models import LoadedModel
+from core.prompts import NumberFormat, number_text
+
+TRUTH = "truth"
+
+
+@dataclass
+class Trie:
+    """One seed's candidates as a trie: node 0 is the prompt's final token."""
+
+    tokens: list[list[int]]  # per candidate ([] when absent)
+    node_token: list[int]  # token fed at each node (node 0: the prompt's last token)
+    parent: list[int]  # -1 for the root
+    step_node: list[list[int]]  # per candidate: the node predicting each of its tokens
+    edges: list[tuple[int, int]]  # (node, child token) out of nodes with several children
+
+    @property
+    def depth(self) -> list[int]:
+        out = [0] * len(self.parent)
+        for n in range(1, len(self.parent)):
+            out[n] = out[self.parent[n]] + 1
+        return out
+
+
+def candidate_texts(y_true: float, model_text: str, regressor_values: list[float], fmt: NumberFormat,
+                    y_column: int) -> list[str | None]:
+    """Returns the answer texts of the truth, the model and each regressor (None: no answer).
+
+    The model's is the number it wrote, as written; the others are written in the
+    run's number format.
+    """
+    def write(v: float) -> str | None:
+        return fmt.write(float(v), y_column) if np.isfinite(v) else None
+    return [write(y_true), number_text(model_text), *map(write, regressor_values)]
+
+
+def build_trie(root_token: int, answers: list[list[int] | None]) -> Trie:
+    """Returns the trie of the candidates' token sequences under the prompt's last token."""
+    node_token, parent, children = [root_token], [-1], [{}]
+    tokens, step_node = [], []
+    for seq in answers:
+        seq = seq or []
+        tokens.append(list(seq))
+        steps, node = [], 0
+        for tok in seq:
+            steps.append(node)
+            if tok not in children[node]:
+                children[node][tok] = len(node_token)
+                node_token.append(tok)
+                parent.append(node)
+                children.append({})
+            node = children[node][tok]
+        step_node.append(steps)
+    edges = [(n, tok) for n, kids in enumerate(children) if len(kids) > 1 for tok in kids]
+    return Trie(tokens, node_token, parent, step_node, edges)
+
+
+def tree_mask(tries: list[Trie], key_mask: Int[Tensor, "b T"], width: int) -> Bool[Tensor, "b 1 N TN"]:
+    """Returns the boolean attention mask of the tree pass: prompt keys, then ancestors-or-self."""
+    b, t = key_mask.shape
+    mask = torch.zeros((b, 1, width, t + width), dtype=torch.bool)
+    mask[:, 0, :, :t] = key_mask[:, None, :].bool()
+    for i, trie in enumerate(tries):
+        for n in range(width):
+            a = n if n < len(trie.parent) else -1
+            mask[i, 0, n, t + n] = True
+            while a > 0:
+                a = trie.parent[a]
+                mask[i, 0, n, t + a] = True
+    return mask
+
+
+@dataclass
+class TreeActs:
+    """Activations at every trie node: [b, N, ...] in float32."""
+
+    resid: Float[Tensor, "b N Lp1 d"]
+    z: Float[Tensor, "b N L H dh"]
+    mlp: Float[Tensor, "b N L d"]
+    logprobs: Float[Tensor, "b N vocab"]
+
+
+def _tree_forward(model: LoadedModel, tries: list[Trie], cache: DynamicCache, key_mask: Int[Tensor, "b T"],
+                  last_pos: Int[Tensor, " b"]) -> TreeActs:
+    hf = model.hf_model
+    layers = list(hf.model.layers)
+    n_heads = int(hf.config.num_attention_heads)
+    width = max(len(t.node_token) for t in tries)
+    ids = torch.zeros((len(tries), width), dtype=torch.long)
+    pos = torch.zeros((len(tries), width), dtype=torch.long)
+    for i, trie in enumerate(tries):
+        ids[i, : len(trie.node_token)] = torch.as_tensor(trie.node_token)
+        pos[i, : len(trie.node_token)] = torch.as_tensor(trie.depth)
+    pos += last_pos.cpu()[:, None]
+    mask = tree_mask(tries, key_mask[:, :-1].cpu(), width)
+    got: dict[str, list] = {"resid": [None] * (len(layers) + 1), "z": [None] * len(layers), "mlp": [None] * len(layers)}
+
+    def keep(kind, i, value):
+        got[kind][i] = value.float()
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles += [
+            layer.register_forward_pre_hook(
+                lambda m, a, k, i=i: keep("resid", i, a[0] if a else k["hidden_states"]), with_kwargs=True),
+            layer.self_attn.o_proj.register_forward_pre_hook(
+                lambda m, a, i=i: keep("z", i, a[0].unflatten(-1, (n_heads, -1)))),
+            layer.mlp.register_forward_hook(lambda m, a, r, i=i: keep("mlp", i, r)),
+        ]
+    handles.append(layers[-1].register_forward_hook(
+        lambda m, a, r: keep("resid", len(layers), r[0] if isinstance(r, tuple) else r)))
+    dev = model.device
+    try:
+        out = hf(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                 past_key_values=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return TreeActs(resid=torch.stack(got["resid"], 2), z=torch.stack(got["z"], 2), mlp=torch.stack(got["mlp"], 2),
+                    logprobs=torch.log_softmax(out.logits.float(), -1))
+
+
+@dataclass
+class SeedCandidates:
+    """What the store keeps for one seed (see the module docstring)."""
+
+    tokens: Int[np.ndarray, "C K"]
+    logprob: Float[np.ndarray, "C K"]
+    edge: Int[np.ndarray, "C K"]
+    rms: Float[np.ndarray, "E Lp1"]
+    dla_embed: Float[np.ndarray, " E"]
+    dla_heads: Float[np.ndarray, "E L H"]
+    dla_mlp: Float[np.ndarray, "E L"]
+
+
+@torch.inference_mode()
+def teacher_force(model: LoadedModel, tries: list[Trie], cache: DynamicCache, key_mask: Int[Tensor, "b T"],
+                  n_steps: int, n_edges: int) -> list[SeedCandidates]:
+    """Runs the tree pass for a batch whose prompts fill `cache` (left-padded, mask
+    `key_mask`); returns each seed's candidate arrays.
+
+    The cache may hold decoded tokens too: it is cut back to the prompt without its
+    last token, which the tree pass feeds again as the root.
+    """
+    cache.crop(-(cache.get_seq_length() - (key_mask.shape[1] - 1)))
+    last_pos = key_mask.sum(-1) - 1
+    acts = _tree_forward(model, tries, cache, key_mask, last_pos)
+    hf = model.hf_model
+    eps = float(hf.model.norm.variance_epsilon)
+    norm_weight = hf.model.norm.weight.float()
+    n_heads = int(hf.config.num_attention_heads)
+    w_o = torch.stack([layer.self_attn.o_proj.weight.float().unflatten(1, (n_heads, -1))
+                       for layer in hf.model.layers])  # [L, d, H, dh]
+    out = []
+    for i, trie in enumerate(tries):
+        c = len(trie.tokens)
+        tokens = np.full((c, n_steps), -1, dtype=np.int32)
+        logprob = np.full((c, n_steps), np.nan, dtype=np.float32)
+        edge = np.full((c, n_steps), -1, dtype=np.int32)
+        index = {e: j for j, e in enumerate(trie.edges)}
+        lp = acts.logprobs[i]
+        for k, (seq, steps) in enumerate(zip(trie.tokens, trie.step_node)):
+            if not seq or len(seq) > n_steps:
+                continue
+            tokens[k, : len(seq)] = seq
+            logprob[k, : len(seq)] = lp[torch.as_tensor(steps), torch.as_tensor(seq)].cpu().numpy()
+            edge[k, : len(seq)] = [index.get((n, t), -1) for n, t in zip(steps, seq)]
+        if len(trie.edges) > n_edges:
+            raise RuntimeError(f"{len(trie.edges)} edges exceed the {n_edges} the store holds")
+        nodes = torch.as_tensor([n for n, _ in trie.edges], dtype=torch.long, device=acts.resid.device)
+        kids = torch.as_tensor([t for _, t in trie.edges], dtype=torch.long, device=norm_weight.device)
+        u = hf.lm_head.weight[kids].float() * norm_weight  # [e, d]
+        resid = acts.resid[i, nodes]  # [e, L+1, d]
+        rms = torch.sqrt(resid.pow(2).mean(-1) + eps)
+        heads = torch.einsum("elhk,ldhk,ed->elh", acts.z[i, nodes], w_o, u)
+        seed = SeedCandidates(
+            tokens=tokens, logprob=logprob, edge=edge,
+            rms=_pad(rms, n_edges), dla_embed=_pad(torch.einsum("ed,ed->e", resid[:, 0], u), n_edges),
+            dla_heads=_pad(heads, n_edges), dla_mlp=_pad(torch.einsum("eld,ed->el", acts.mlp[i, nodes], u), n_edges))
+        out.append(seed)
+    return out
+
+
+def _pad(x: Tensor, n: int) -> np.ndarray:
+    full = np.full((n, *x.shape[1:]), np.nan, dtype=np.float32)
+    full[: x.shape[0]] = x.cpu().numpy()
+    return full
