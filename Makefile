@@ -1,4 +1,4 @@
-# `make run`: install, build the default run stores if missing, show the results.
+# `make run`: install, build the default run stores if missing, open the app on them.
 # `make test`: install and run the test suite.
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,8 +12,7 @@ export PYTHONPATH := $(CURDIR)
 .PHONY: run install demo test bench clean-cache
 
 run: demo
-	$(PY) -m cache_builder leaderboard smollm2-135m__friedman2__n25__aligned --cache $(CACHE)
-	$(PY) -m cache_builder leaderboard smollm2-135m__linear-ni11__n20__aligned --cache $(CACHE)
+	WORKBENCH_CACHE=$(CACHE) $(PY) -m streamlit run app/main.py
 
 install: $(VENV)/.installed
 
@@ -36,3 +35,5 @@ test: install
 bench: install
 	$(PY) bench/bench_regressors.py
 	$(PY) bench/bench_predictions.py
+	$(PY) bench/bench_acts.py
+	$(PY) bench/bench_app.py --cache $(CACHE)

@@ -14,10 +14,14 @@ from core.models import ModelUnavailable, load_tokenizer
 from core.store import MODEL_COLUMN, RunStore, StoreError
 from core.tables import View, find_runs, subset_mask
 
-CACHE = Path(os.environ.get("WORKBENCH_CACHE", "cache"))
 SUBSET_LABELS = {"all": "all seeds", "model-better": "model better than a regressor",
                  "model-worse": "model worse than a regressor",
                  "model-low-error": "model's error at most its median (biased)"}
+
+
+def cache_dir() -> Path:
+    """The directory whose run stores the app lists: $WORKBENCH_CACHE, default `cache/`."""
+    return Path(os.environ.get("WORKBENCH_CACHE", "cache"))
 
 
 def param(key: str, default: str | None = None) -> str | None:
@@ -75,15 +79,15 @@ def header(title: str, what: str) -> None:
 
 def pick_run() -> tuple[RunStore, Path]:
     """The sidebar's run picker; stops the page with a readable message when no store can be used."""
-    runs = find_runs(CACHE)
+    runs = find_runs(cache_dir())
     if not runs:
-        st.info(f"No run store under `{CACHE.resolve()}`. Build one with `make run`, or "
+        st.info(f"No run store under `{cache_dir().resolve()}`. Build one with `make run`, or "
                 "`python -m cache_builder build ...` (README), or set WORKBENCH_CACHE to the cache directory.")
         st.stop()
     names = [p.name.removesuffix(".zarr") for p in runs]
     wanted = param("run")
     if wanted and wanted.removesuffix(".zarr") not in names:
-        st.warning(f"The link names run `{wanted}`, which is not under `{CACHE}`; showing another.")
+        st.warning(f"The link names run `{wanted}`, which is not under `{cache_dir()}`; showing another.")
     name = choose("Run", "run", names, sidebar=True)
     path = runs[names.index(name)]
     try:

@@ -66,3 +66,27 @@ def test_info_describes_the_store(embedded_store, capsys):
     out = capsys.readouterr().out
     assert "smollm2-135m" in out and "30 layers" in out and "4/4 done" in out
     assert "linear-ni11: 1 features, 6 examples" in out
+
+
+def test_the_models_own_answer_wins_every_logit_difference(embedded_store):
+    """The model's answer is its greedy choice, so at the first token where the truth
+    differs from it, logit(truth) - logit(model) is negative; seeds where they agree are
+    marked, not dropped."""
+    from core.logit_diff import load_candidates, pair_logit_diff
+
+    diff = pair_logit_diff(load_candidates(embedded_store), "truth", "model")
+    model = embedded_store.predictions()[:, 0]
+    same = np.abs(model - embedded_store.y_true()) < 0.005
+    assert diff.status == ["same answer" if s else "ok" for s in same]
+    assert (diff.lens[~same, -1] < 0).all() and (~same).any()
+
+
+def test_export_cli_writes_the_apps_tables(embedded_store, tmp_path):
+    out = tmp_path / "lens.csv"
+    assert main(["export", str(embedded_store.path), "logit-lens-summary", "--pair", "truth,model",
+                 "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["layer", "mean", "std", "q25", "q75", "n_seeds"]
+    assert len(table) == 31  # before each of the 30 layers, and after the last
+    assert main(["export", str(embedded_store.path), "no-such-table"]) == 2
+    assert main(["export", str(embedded_store.path), "logit-lens", "--pair", "truth,nobody"]) == 2

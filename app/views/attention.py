@@ -48,7 +48,7 @@ layer = int(choose("Layer", "layer", list(range(n_layers)), default=n_layers - 1
 table = final_attention(store, replace(view, seed=seed, layer=layer))
 tok = run_tokenizer(store)
 texts = tok.batch_decode([[int(t)] for t in store.tokens(store.index(seed))])
-html = cv.tokens.colored_tokens_multi(texts, torch.from_numpy(table.to_numpy(dtype=np.float32)), labels=list(table.columns))
+html = cv.tokens.colored_tokens_multi(texts, torch.tensor(table.to_numpy(dtype=np.float32)), labels=list(table.columns))
 components.html(html.local_src, height=700, scrolling=True)
 st.caption(f"CircuitsVis, rendered offline. Seed {seed}, layer {layer}: each head's attention from the final "
            "position over the prompt; pick a head to colour the tokens by it.")

@@ -43,4 +43,6 @@ norms = table.melt(id_vars="layer", value_vars=["norm_answer_slots", "norm_final
 chart(alt.Chart(norms).mark_line(point=True).encode(x="layer:O", y=alt.Y("norm:Q", title="L2 norm"), color="position:N",
                                                      tooltip=["layer", "position", "norm"]).properties(height=260))
 st.caption("norm_answer_slots: mean over the in-context answer slots; norm_final: the final position.")
+with st.expander("The table behind these charts"):
+    st.dataframe(table, hide_index=True)
 download(table, f"mlp-{a}-vs-{b}", "MLP table")

@@ -2,12 +2,12 @@
 
 import streamlit as st
 
-from app.common import CACHE, download, header, pick_run
+from app.common import cache_dir, download, header, pick_run
 from core.store import describe
 from core.tables import runs_table
 
-header("Runs", f"Every run store under `{CACHE}`: model x dataset x examples x prompt format, over seeds.")
-table = runs_table(CACHE)
+header("Runs", f"Every run store under `{cache_dir()}`: model x dataset x examples x prompt format, over seeds.")
+table = runs_table(cache_dir())
 if len(table):
     st.dataframe(table, hide_index=True)
     download(table, "runs")
