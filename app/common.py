@@ -10,7 +10,6 @@ import streamlit as st
 
 from core.leaderboard import SUBSETS
 from core.logit_diff import Candidates, load_candidates
-from core.models import ModelUnavailable, load_tokenizer
 from core.store import MODEL_COLUMN, RunStore, StoreError
 from core.tables import View, find_runs, subset_mask
 
@@ -62,11 +61,6 @@ def store_candidates(path: str, mtime: float) -> Candidates:
     return load_candidates(open_store(path, mtime))
 
 
-@st.cache_resource(show_spinner=False)
-def tokenizer(spec: str):
-    return load_tokenizer(spec)
-
-
 def _mtime(path: Path) -> float:
     meta = path / "zarr.json"
     return meta.stat().st_mtime if meta.exists() else 0.0
@@ -104,15 +98,6 @@ def pick_run() -> tuple[RunStore, Path]:
 
 def run_candidates(store: RunStore, path: Path) -> Candidates:
     return store_candidates(str(path), _mtime(path))
-
-
-def run_tokenizer(store: RunStore):
-    spec = store.attrs["model"]["spec"]
-    try:
-        return tokenizer(spec)
-    except ModelUnavailable as exc:
-        st.error(f"The tokenizer of {spec} is not available on this machine: {exc}")
-        st.stop()
 
 
 def pick_seed(store: RunStore) -> int:

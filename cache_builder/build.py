@@ -340,6 +340,8 @@ def _create(path: str, spec: BuildSpec, prep: Prepared, model: LoadedModel, dtyp
     store = run_store.create(path, layout, acts, attrs)
     store.write_inputs(prep.samples, prep.prompts)
     _unembed(store, model)
+    used = np.union1d(np.concatenate([p.tokens for p in prep.prompts]), number_tokens(model.tokenizer)[0])
+    store.write_vocab(used, model.tokenizer.batch_decode([[int(i)] for i in used]))
     store.update_attrs(params=spec.params())  # last: its presence says the store is set up
     return store
 

@@ -12,7 +12,7 @@ from cache_builder.build import DEFAULT_CACHE, BuildError, BuildSpec, build, con
 from core.candidates import TRUTH
 from core.leaderboard import SUBSETS, store_leaderboard
 from core.logit_diff import load_candidates
-from core.models import ModelUnavailable, load_tokenizer
+from core.models import ModelUnavailable
 from core.prompts import FORMATS, PromptError
 from core.registry import UnknownName
 from core.regressors import default_suite
@@ -156,7 +156,7 @@ def export(store: RunStore, args: argparse.Namespace) -> pd.DataFrame:
     view = View(a=pair[0], b=pair[1], subset=args.subset, versus=args.versus, seed=args.seed, layer=args.layer)
     try:
         cands = load_candidates(store)
-        return EXPORTS[args.table](store, view, cands, load_tokenizer(store.attrs["model"]["spec"]))
+        return EXPORTS[args.table](store, view, cands)
     except (KeyError, ValueError, IndexError) as exc:
         raise CliError(str(exc).strip("'\"")) from None
 

@@ -259,6 +259,18 @@ class RunStore:
         r["positions/n_tokens"][:] = np.array([len(p.tokens) for p in prompts], dtype=np.int32)
         r["acts/positions"][:] = np.stack([p.answer_slots for p in prompts])
 
+    def write_vocab(self, ids: Int[np.ndarray, " V"], text: list[str]) -> None:
+        """Writes the text of the tokens the run uses (every prompt token, every number
+        token), so that reading a store needs no tokenizer."""
+        g = self.root.create_group("vocab", overwrite=True)
+        g.create_array("ids", data=np.asarray(ids, dtype=np.int32))
+        g.create_array("text", shape=(len(text),), dtype=str, fill_value="")[:] = np.array(text)
+
+    def decode(self, ids: Int[np.ndarray, " n"]) -> list[str]:
+        """Returns each token's text (`<id>` for a token the store does not know)."""
+        known = dict(zip(self.root["vocab/ids"][:].tolist(), self.root["vocab/text"][:].tolist()))
+        return [known.get(int(i), f"<{int(i)}>") for i in ids]
+
     def write_unembed(self, norm_weight: np.ndarray, eps: float, w_u: np.ndarray,
                       token_ids: np.ndarray, token_text: list[str]) -> None:
         """Writes what the logit lens needs: final norm and the unembedding of number tokens."""

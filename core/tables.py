@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from transformers import PreTrainedTokenizerBase
 
 from core.candidates import TRUTH
 from core.heads import HEAD_SCORES
@@ -81,7 +80,7 @@ def seed_row(store: RunStore, view: View) -> int:
 # Prompt
 
 
-def prompt_tokens(store: RunStore, view: View, tokenizer: PreTrainedTokenizerBase) -> pd.DataFrame:
+def prompt_tokens(store: RunStore, view: View) -> pd.DataFrame:
     """Returns the seed's prompt, one row per token: text, role and whether activations are stored there."""
     row = seed_row(store, view)
     tokens = store.tokens(row)
@@ -95,10 +94,10 @@ def prompt_tokens(store: RunStore, view: View, tokenizer: PreTrainedTokenizerBas
     role[int(g["final"][row])] = "final (query's answer slot)"
     stored = np.isin(np.arange(len(tokens)), store.act_positions(row))
     return pd.DataFrame({"position": np.arange(len(tokens)), "token_id": tokens,
-                         "text": tokenizer.batch_decode([[int(t)] for t in tokens]), "role": role, "stored": stored})
+                         "text": store.decode(tokens), "role": role, "stored": stored})
 
 
-def seed_answers(store: RunStore, view: View, cands: Candidates, tokenizer: PreTrainedTokenizerBase) -> pd.DataFrame:
+def seed_answers(store: RunStore, view: View, cands: Candidates) -> pd.DataFrame:
     """Returns every candidate's answer for the seed: value, error, text as tokenized and
     log-probability of the whole answer under the model (teacher-forced)."""
     row = seed_row(store, view)
@@ -109,7 +108,7 @@ def seed_answers(store: RunStore, view: View, cands: Candidates, tokenizer: PreT
         toks = cands.tokens[i, j]
         toks = toks[toks >= 0]
         out.append({"candidate": name, "value": values[j], "abs_error": abs(values[j] - values[0]),
-                    "answer_tokens": "|".join(tokenizer.batch_decode([[int(t)] for t in toks])),
+                    "answer_tokens": "|".join(store.decode(toks)),
                     "answer_logprob": float(cands.logprob[i, j, : len(toks)].sum()) if len(toks) else np.nan})
     table = pd.DataFrame(out)
     table.loc[0, "abs_error"] = np.nan
@@ -244,20 +243,20 @@ def probe_table(store: RunStore, view: View) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
-# The CLI's export: table name -> function of (store, view, candidates, tokenizer).
+# The CLI's export: table name -> function of (store, view, candidates).
 EXPORTS: dict[str, Callable[..., pd.DataFrame]] = {
-    "runs": lambda store, view, cands, tok: runs_table(Path(store.path).parent),
-    "prompt": lambda store, view, cands, tok: prompt_tokens(store, view, tok),
-    "answers": lambda store, view, cands, tok: seed_answers(store, view, cands, tok),
-    "leaderboard": lambda store, view, cands, tok: leaderboard_table(store, view),
-    "seed-errors": lambda store, view, cands, tok: seed_errors(store, view),
-    "logit-lens": lambda store, view, cands, tok: lens_table(pair_diff(store, view, cands)),
-    "logit-lens-summary": lambda store, view, cands, tok: lens_summary(pair_diff(store, view, cands)),
-    "components": lambda store, view, cands, tok: component_summary(pair_diff(store, view, cands)),
-    "heads-dla": lambda store, view, cands, tok: head_summary(pair_diff(store, view, cands)),
-    "pair-status": lambda store, view, cands, tok: pair_status(pair_diff(store, view, cands)),
-    "attention": lambda store, view, cands, tok: final_attention(store, view).reset_index(),
-    "head-scores": lambda store, view, cands, tok: head_scores_table(store, view),
-    "mlp": lambda store, view, cands, tok: mlp_table(store, view, pair_diff(store, view, cands)),
-    "probes": lambda store, view, cands, tok: probe_table(store, view),
+    "runs": lambda store, view, cands: runs_table(Path(store.path).parent),
+    "prompt": lambda store, view, cands: prompt_tokens(store, view),
+    "answers": lambda store, view, cands: seed_answers(store, view, cands),
+    "leaderboard": lambda store, view, cands: leaderboard_table(store, view),
+    "seed-errors": lambda store, view, cands: seed_errors(store, view),
+    "logit-lens": lambda store, view, cands: lens_table(pair_diff(store, view, cands)),
+    "logit-lens-summary": lambda store, view, cands: lens_summary(pair_diff(store, view, cands)),
+    "components": lambda store, view, cands: component_summary(pair_diff(store, view, cands)),
+    "heads-dla": lambda store, view, cands: head_summary(pair_diff(store, view, cands)),
+    "pair-status": lambda store, view, cands: pair_status(pair_diff(store, view, cands)),
+    "attention": lambda store, view, cands: final_attention(store, view).reset_index(),
+    "head-scores": lambda store, view, cands: head_scores_table(store, view),
+    "mlp": lambda store, view, cands: mlp_table(store, view, pair_diff(store, view, cands)),
+    "probes": lambda store, view, cands: probe_table(store, view),
 }

@@ -10,7 +10,7 @@ import streamlit as st
 import streamlit.components.v1 as components
 import torch
 
-from app.common import choose, chart, download, header, pick_run, pick_seed, pick_subset, run_tokenizer
+from app.common import choose, chart, download, header, pick_run, pick_seed, pick_subset
 from core.heads import HEAD_SCORE_DOC
 from core.tables import final_attention, head_scores_table
 
@@ -46,8 +46,7 @@ seed = pick_seed(store)
 n_layers = store.attrs["model"]["n_layers"]
 layer = int(choose("Layer", "layer", list(range(n_layers)), default=n_layers - 1, sidebar=False))
 table = final_attention(store, replace(view, seed=seed, layer=layer))
-tok = run_tokenizer(store)
-texts = tok.batch_decode([[int(t)] for t in store.tokens(store.index(seed))])
+texts = store.decode(store.tokens(store.index(seed)))
 html = cv.tokens.colored_tokens_multi(texts, torch.tensor(table.to_numpy(dtype=np.float32)), labels=list(table.columns))
 components.html(html.local_src, height=700, scrolling=True)
 st.caption(f"CircuitsVis, rendered offline. Seed {seed}, layer {layer}: each head's attention from the final "

@@ -6,16 +6,15 @@ import html
 import altair as alt
 import streamlit as st
 
-from app.common import chart, download, header, pick_run, pick_seed, run_candidates, run_tokenizer
+from app.common import chart, download, header, pick_run, pick_seed, run_candidates
 from core.tables import View, prompt_tokens, seed_answers
 
 header("Prompt", "One seed's prompt as the model read it, and what each candidate answered.")
 store, path = pick_run()
 seed = pick_seed(store)
 view = View(seed=seed)
-tok = run_tokenizer(store)
-tokens = prompt_tokens(store, view, tok)
-answers = seed_answers(store, view, run_candidates(store, path), tok)
+tokens = prompt_tokens(store, view)
+answers = seed_answers(store, view, run_candidates(store, path))
 row = store.index(seed)
 
 c1, c2, c3 = st.columns(3)
