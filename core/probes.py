@@ -2,10 +2,12 @@
 
 Ridge regression with an intercept, scored by held-out R^2 under K-fold
 cross-validation over seeds (contiguous folds, no shuffling). Inside each training
-fold the penalty is chosen from `ALPHAS` by exact leave-one-out error (closed form
-from one SVD), as scikit-learn's `RidgeCV` does. A probe is never hidden: its status
-says when it is no better than a constant, when the chosen penalty sits at the edge
-of the grid (no optimum found inside it), or why it could not be fitted.
+fold the penalty is chosen from `alpha_grid(x)` by exact leave-one-out error (closed
+form from one SVD), as scikit-learn's `RidgeCV` does. The grid scales with the
+residual stream's size at that layer (it grows by orders of magnitude over layers),
+from nearly no penalty to one that shrinks the probe to a constant. A probe is never
+hidden: its status says when it is no better than a constant, when the chosen penalty
+sits at an end of the grid, or why it could not be fitted.
 """
 
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-ALPHAS = np.logspace(-2, 6, 17)
+RELATIVE_ALPHAS = np.logspace(-6, 2, 17)
 N_FOLDS = 5
 MIN_SEEDS = 10
 
@@ -26,18 +28,25 @@ def folds(n: int, k: int = N_FOLDS) -> list[np.ndarray]:
     return [np.arange(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _fit_fold(x: Float[np.ndarray, "n d"], y: Float[np.ndarray, "n m"]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def alpha_grid(x: Float[np.ndarray, "n d"]) -> Float[np.ndarray, " a"]:
+    """Returns the penalties tried: `RELATIVE_ALPHAS` times the mean squared norm of a centred row."""
+    scale = float(((x - x.mean(0)) ** 2).sum(1).mean())
+    return RELATIVE_ALPHAS * (scale if scale > 0 else 1.0)
+
+
+def _fit_fold(x: Float[np.ndarray, "n d"], y: Float[np.ndarray, "n m"], alphas: Float[np.ndarray, " a"],
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Returns (coef [d, m], intercept [m], alpha index [m]) with alpha chosen by leave-one-out."""
     n = len(x)
     xm, ym = x.mean(0), y.mean(0)
     u, s, vt = np.linalg.svd(x - xm, full_matrices=False)
     uty = u.T @ (y - ym)  # [r, m]
-    shrink = s[None, :] ** 2 / (s[None, :] ** 2 + ALPHAS[:, None])  # [a, r]
+    shrink = s[None, :] ** 2 / (s[None, :] ** 2 + alphas[:, None])  # [a, r]
     fitted = np.einsum("nr,ar,rm->anm", u, shrink, uty) + ym
     hat = np.einsum("nr,ar->an", u**2, shrink) + 1.0 / n  # the intercept is not penalised
     loo = ((y[None] - fitted) / (1.0 - hat[..., None])) ** 2
     best = loo.mean(1).argmin(0)  # [m]
-    coef = np.einsum("rd,mr,rm->dm", vt, (s / (s**2 + ALPHAS[best][:, None])), uty)
+    coef = np.einsum("rd,mr,rm->dm", vt, (s / (s**2 + alphas[best][:, None])), uty)
     return coef, ym - xm @ coef, best
 
 
@@ -62,6 +71,7 @@ def probe(x: Float[np.ndarray, "n d"], y: Float[np.ndarray, "n m"]) -> ProbeResu
     for pattern in np.unique(valid, axis=1).T:
         cols = [j for j in range(m) if (valid[:, j] == pattern).all()]
         xs, ys = x[pattern].astype(np.float64), y[pattern][:, cols].astype(np.float64)
+        alphas = alpha_grid(xs)
         used[cols] = len(ys)
         fit = [j for k, j in enumerate(cols) if len(ys) >= MIN_SEEDS and np.ptp(ys[:, k]) > 0]
         for j in cols:
@@ -75,7 +85,7 @@ def probe(x: Float[np.ndarray, "n d"], y: Float[np.ndarray, "n m"]) -> ProbeResu
         pred, base, chosen = np.empty_like(ys), np.empty_like(ys), []
         for test in folds(len(ys)):
             train = np.setdiff1d(np.arange(len(ys)), test)
-            coef, icpt, best = _fit_fold(xs[train], ys[train])
+            coef, icpt, best = _fit_fold(xs[train], ys[train], alphas)
             pred[test] = xs[test] @ coef + icpt
             base[test] = ys[train].mean(0)
             chosen.append(best)
@@ -84,12 +94,14 @@ def probe(x: Float[np.ndarray, "n d"], y: Float[np.ndarray, "n m"]) -> ProbeResu
         for k, j in enumerate(fit):
             r2[j] = 1 - ((ys[:, k] - pred[:, k]) ** 2).sum() / sst[k]
             const[j] = 1 - ((ys[:, k] - base[:, k]) ** 2).sum() / sst[k]
-            alpha[j] = float(np.median(ALPHAS[chosen[:, k]]))
-            edge = int(np.isin(chosen[:, k], (0, len(ALPHAS) - 1)).sum())
+            alpha[j] = float(np.median(alphas[chosen[:, k]]))
+            low, high = int((chosen[:, k] == 0).sum()), int((chosen[:, k] == len(alphas) - 1).sum())
             if not r2[j] > const[j]:
                 status[j] = "no better than a constant"
-            elif edge:
-                status[j] = f"penalty at the grid's edge in {edge}/{len(chosen)} folds"
+            elif high:
+                status[j] = f"largest penalty chosen in {high}/{len(chosen)} folds (shrunk towards a constant)"
+            elif low:
+                status[j] = f"smallest penalty chosen in {low}/{len(chosen)} folds (nearly unregularised)"
             else:
                 status[j] = "ok"
     return ProbeResult(r2, const, alpha, used, status)

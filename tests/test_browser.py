@@ -125,6 +125,8 @@ def _check_page(page, url: str, title: str) -> list[str]:
     stuck = _wait_for_run(page)
     if stuck:
         problems.append(stuck)
+    if page.get_by_text("Page not found").count():
+        problems.append("Streamlit says 'Page not found'")
     for exc in page.locator('[data-testid="stException"]').all():
         problems.append("exception:\n" + exc.inner_text().strip())
     headings = page.locator('[data-testid="stMain"] h1, section.main h1')
@@ -146,7 +148,8 @@ def test_every_page_renders_without_exception(app, chromium):
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 1000})
             for path, title in PAGES.items():
-                url = f"{base}/{path}?run={run}"
+                # The default page (Runs) lives at the root; /runs is "page not found".
+                url = f"{base}/{'' if path == 'runs' else path}?run={run}"
                 page = context.new_page()
                 try:
                     problems = _check_page(page, url, title)

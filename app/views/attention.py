@@ -44,7 +44,8 @@ chart(alt.Chart(long).mark_rect().encode(
 st.subheader("One seed: where the final position looks, per head")
 seed = pick_seed(store)
 n_layers = store.attrs["model"]["n_layers"]
-layer = int(choose("Layer", "layer", list(range(n_layers)), default=n_layers - 1, sidebar=False))
+layer = int(choose("Layer (default: the top-ranked head's)", "layer", list(range(n_layers)),
+                   default=int(scores.layer.iloc[0]), sidebar=False))
 table = final_attention(store, replace(view, seed=seed, layer=layer))
 texts = store.decode(store.tokens(store.index(seed)))
 html = cv.tokens.colored_tokens_multi(texts, torch.tensor(table.to_numpy(dtype=np.float32)), labels=list(table.columns))

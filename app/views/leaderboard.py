@@ -24,7 +24,7 @@ c3.metric("Model's rank by mean squared error", f"{int(table.index[table.regress
 if model.failures:
     st.warning(f"The model failed to give a number on {int(model.failures)} seeds: those count as losses.")
 st.dataframe(table.style.apply(lambda r: ["background-color:#fee2e2" if r.regressor == "model" else ""] * len(r),
-                               axis=1).format(precision=4), hide_index=True)
+                               axis=1).format(precision=4), hide_index=True, height=36 * (len(table) + 1))
 st.caption("beats_model: share of seeds where the regressor's absolute error is smaller than the model's. "
            "avg_rank: mean rank by absolute error among all columns (1 = best).")
 download(table, "leaderboard")
@@ -36,9 +36,9 @@ ok = errors.dropna()
 ok = ok[ok.abs_error > 0]
 chart(alt.Chart(ok).mark_boxplot(extent="min-max").encode(
     x=alt.X("abs_error", scale=alt.Scale(type="log"), title="absolute error (log scale)"),
-    y=alt.Y("regressor", sort=order, title=None),
+    y=alt.Y("regressor", sort=order, title=None, axis=alt.Axis(labelOverlap=False, labelLimit=200)),
     color=alt.condition(alt.datum.regressor == "model", alt.value("#d62728"), alt.value("#1f77b4"))
-).properties(height=18 * len(order)))
+).properties(height=22 * len(order)))
 st.caption(f"Sorted by mean squared error. {int((errors.abs_error == 0).sum())} exact answers (error 0) "
            "cannot be shown on a log scale and are left out of the plot only.")
 download(errors, "seed-errors", "per-seed errors")

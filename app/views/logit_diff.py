@@ -41,23 +41,32 @@ if len(counts) > 1:
 st.subheader("Logit lens")
 summary = lens_summary(diff)
 per_seed = lens_table(diff).dropna(subset=["logit_diff"])
-band = alt.Chart(summary).mark_area(opacity=0.25).encode(x="layer:Q", y=alt.Y("q25:Q", title="logit(A) - logit(B)"),
-                                                          y2="q75:Q")
-line = alt.Chart(summary).mark_line(point=True, color="#1f77b4").encode(
+# The lens of the first layers can be tens of logits wide; the axis follows the quartiles
+# and the mean so that the later layers stay readable (marks outside are clipped).
+low = min(summary[["q25", "mean"]].min().min(), 0.0)
+high = max(summary[["q75", "mean"]].max().max(), 0.0)
+pad = 0.15 * (high - low or 1.0)
+y = alt.Y("q25:Q", title="logit(A) - logit(B)", scale=alt.Scale(domain=[low - pad, high + pad]))
+band = alt.Chart(summary).mark_area(opacity=0.25, clip=True).encode(x="layer:Q", y=y, y2="q75:Q")
+line = alt.Chart(summary).mark_line(point=True, color="#1f77b4", clip=True).encode(
     x="layer:Q", y="mean:Q", tooltip=["layer", "mean", "std", "q25", "q75", "n_seeds"])
-seeds = alt.Chart(per_seed).mark_line(opacity=0.12, color="gray").encode(x="layer:Q", y="logit_diff:Q", detail="seed:N")
+seeds = alt.Chart(per_seed).mark_line(opacity=0.12, color="gray", clip=True).encode(
+    x="layer:Q", y="logit_diff:Q", detail="seed:N")
 zero = alt.Chart(summary).mark_rule(color="black", strokeDash=[2, 2]).encode(y=alt.datum(0))
 chart((seeds + band + line + zero).properties(height=320))
-st.caption("Line: mean over seeds; band: quartiles; grey: each seed.")
+st.caption("Line: mean over seeds; band: quartiles; grey: each seed (the axis follows the quartiles; "
+           "seeds beyond it are clipped, the CSV has every value).")
 download(summary, f"logit-lens-{a}-vs-{b}", "lens (mean and spread)")
 download(per_seed, f"logit-lens-per-seed-{a}-vs-{b}", "lens (per seed)")
 
 st.subheader("Direct contribution of each layer's attention and MLP")
 comps = component_summary(diff)
 bars = comps[comps.component != "embed"]
-chart(alt.Chart(bars).mark_bar().encode(
-    x=alt.X("layer:O"), xOffset="component:N", y=alt.Y("mean:Q", title="mean contribution"),
-    color="component:N", tooltip=["component", "layer", "mean", "std", "n_seeds"]).properties(height=300))
+bars = bars.assign(low=bars["mean"] - bars["std"], high=bars["mean"] + bars["std"])
+base = alt.Chart(bars).encode(x=alt.X("layer:O"), xOffset="component:N")
+chart((base.mark_bar().encode(y=alt.Y("mean:Q", title="mean (whiskers: 1 std)"),
+                              color="component:N", tooltip=["component", "layer", "mean", "std", "n_seeds"])
+       + base.mark_rule(color="#444").encode(y="low:Q", y2="high:Q")).properties(height=300))
 st.caption(f"Embedding: {comps.loc[comps.component == 'embed', 'mean'].iloc[0]:.3f} on average.")
 download(comps, f"components-{a}-vs-{b}", "components")
 

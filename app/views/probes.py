@@ -4,7 +4,7 @@ import altair as alt
 import streamlit as st
 
 from app.common import chart, download, header, pick_run, pick_subset
-from core.probes import ALPHAS, N_FOLDS
+from core.probes import N_FOLDS, RELATIVE_ALPHAS
 
 header("Probes", "Ridge probes from the residual stream at the final position, per layer.")
 store, path = pick_run()
@@ -22,7 +22,8 @@ def probes(path: str, mtime: float, subset: str, versus: str | None):
 with st.spinner("Fitting probes (once per run and subset)..."):
     table = probes(str(path), (path / "zarr.json").stat().st_mtime, view.subset, view.versus)
 st.caption(f"Held-out R^2 from {N_FOLDS}-fold cross-validation over seeds; the penalty is chosen inside each "
-           f"training fold by leave-one-out from {ALPHAS[0]:g} to {ALPHAS[-1]:g}. Targets: the truth, each column's "
+           f"training fold by leave-one-out, from {RELATIVE_ALPHAS[0]:g} to {RELATIVE_ALPHAS[-1]:g} times the mean "
+           "squared norm of a (centred) residual at that layer. Targets: the truth, each column's "
            "prediction (pred:...), and the least-squares weights fitted on the seed's in-context examples.")
 targets = list(dict.fromkeys(table.target))
 default = [t for t in ["truth", "pred:model", "pred:linear", "pred:gd-k1", "ls-weight:0"] if t in targets]
