@@ -2,6 +2,7 @@
 CSV downloads and readable errors. Numbers come from `core.tables`; pages lay them out."""
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import altair as alt
@@ -11,7 +12,7 @@ import streamlit as st
 from core.leaderboard import SUBSETS
 from core.logit_diff import Candidates, load_candidates
 from core.store import MODEL_COLUMN, RunStore, StoreError
-from core.tables import View, find_runs, subset_mask
+from core.tables import View, find_runs, subset_rows
 
 SUBSET_LABELS = {"all": "all seeds", "model-better": "model better than a regressor",
                  "model-worse": "model worse than a regressor",
@@ -57,8 +58,17 @@ def open_store(path: str, mtime: float) -> RunStore:
 
 
 @st.cache_resource(show_spinner=False)
-def store_candidates(path: str, mtime: float) -> Candidates:
+def store_candidates(path: str, mtime: float, n_done: int) -> Candidates:
+    """The store's candidates; read again once more seeds are finished (a build still running)."""
     return load_candidates(open_store(path, mtime))
+
+
+@dataclass(frozen=True)
+class Run:
+    """The chosen run store, and the key its cached derivations are stored under."""
+
+    store: RunStore
+    key: tuple[str, float, int]  # path, metadata mtime, finished seeds
 
 
 def _mtime(path: Path) -> float:
@@ -71,7 +81,7 @@ def header(title: str, what: str) -> None:
     st.caption(what)
 
 
-def pick_run() -> tuple[RunStore, Path]:
+def pick_run() -> Run:
     """The sidebar's run picker; stops the page with a readable message when no store can be used."""
     runs = find_runs(cache_dir())
     if not runs:
@@ -80,8 +90,11 @@ def pick_run() -> tuple[RunStore, Path]:
         st.stop()
     names = [p.name.removesuffix(".zarr") for p in runs]
     wanted = param("run")
-    if wanted and wanted.removesuffix(".zarr") not in names:
-        st.warning(f"The link names run `{wanted}`, which is not under `{cache_dir()}`; showing another.")
+    if wanted:
+        wanted = wanted.removesuffix(".zarr")
+        set_param("run", wanted)
+        if wanted not in names:
+            st.warning(f"The link names run `{wanted}`, which is not under `{cache_dir()}`; showing another.")
     name = choose("Run", "run", names, sidebar=True)
     path = runs[names.index(name)]
     try:
@@ -93,11 +106,11 @@ def pick_run() -> tuple[RunStore, Path]:
         st.warning("No seed of this run is finished yet: its build is still running or was stopped. "
                    "Run its build command again to resume it.")
         st.stop()
-    return store, path
+    return Run(store, (str(path), _mtime(path), int(store.done().sum())))
 
 
-def run_candidates(store: RunStore, path: Path) -> Candidates:
-    return store_candidates(str(path), _mtime(path))
+def run_candidates(run: Run) -> Candidates:
+    return store_candidates(*run.key)
 
 
 def pick_seed(store: RunStore) -> int:
@@ -107,17 +120,18 @@ def pick_seed(store: RunStore) -> int:
 
 def pick_subset(store: RunStore) -> View:
     """The sidebar's seed subset; returns the view with it (and its note shown)."""
-    subset = choose("Seeds", "subset", list(SUBSETS), format_func=lambda s: SUBSET_LABELS[s])
+    regressors = [c for c in store.columns if c != MODEL_COLUMN]
+    kinds = [k for k in SUBSETS if regressors or k not in ("model-better", "model-worse")]
+    subset = choose("Seeds", "subset", kinds, format_func=lambda s: SUBSET_LABELS[s])
     versus = None
     if subset in ("model-better", "model-worse"):
-        versus = choose("… than", "versus", [c for c in store.columns if c != MODEL_COLUMN],
-                        default="linear" if "linear" in store.columns else None)
+        versus = choose("… than", "versus", regressors, default="linear" if "linear" in regressors else None)
     else:
         set_param("versus", None)
     view = View(subset=subset, versus=versus)
-    mask, note = subset_mask(store, view)
-    (st.sidebar.warning if subset == "model-low-error" else st.sidebar.caption)(f"{note}: {int(mask.sum())} seeds.")
-    if not mask.any():
+    rows, note = subset_rows(store, view)
+    (st.sidebar.warning if subset == "model-low-error" else st.sidebar.caption)(f"{note}: {len(rows)} seeds.")
+    if not len(rows):
         st.warning("No seed is in this subset; choose another.")
         st.stop()
     return view

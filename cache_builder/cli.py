@@ -17,7 +17,7 @@ from core.prompts import FORMATS, PromptError
 from core.registry import UnknownName
 from core.regressors import default_suite
 from core.store import MODEL_COLUMN, RunStore, StoreError, describe
-from core.tables import EXPORTS, View
+from core.tables import EXPORTS, View, subset_rows
 
 EXIT_BAD_INPUT = 2
 
@@ -155,6 +155,8 @@ def export(store: RunStore, args: argparse.Namespace) -> pd.DataFrame:
         raise CliError(f"--pair {args.pair!r}: give two candidates as A,B")
     view = View(a=pair[0], b=pair[1], subset=args.subset, versus=args.versus, seed=args.seed, layer=args.layer)
     try:
+        if not len(subset_rows(store, view)[0]):
+            raise CliError(f"no finished seed is in subset {args.subset}")
         cands = load_candidates(store)
         return EXPORTS[args.table](store, view, cands)
     except (KeyError, ValueError, IndexError) as exc:

@@ -48,6 +48,11 @@ class Trie:
     edges: list[tuple[int, int]]  # (node, child token) out of nodes with several children
 
     @property
+    def branches(self) -> list[int]:
+        """Returns the nodes where candidates part (two or more children), in order."""
+        return sorted({n for n, _ in self.edges})
+
+    @property
     def depth(self) -> list[int]:
         out = [0] * len(self.parent)
         for n in range(1, len(self.parent)):
@@ -105,12 +110,14 @@ def tree_mask(tries: list[Trie], key_mask: Int[Tensor, "b T"], width: int) -> Bo
 
 @dataclass
 class TreeActs:
-    """Activations at every trie node: [b, N, ...] in float32."""
+    """Activations (float32) at each trie's branching nodes [b, B, ...], and the logits
+    (the model's dtype) with their log-normaliser at every node [b, N]."""
 
-    resid: Float[Tensor, "b N Lp1 d"]
-    z: Float[Tensor, "b N L H dh"]
-    mlp: Float[Tensor, "b N L d"]
-    logprobs: Float[Tensor, "b N vocab"]
+    resid: Float[Tensor, "b B Lp1 d"]
+    z: Float[Tensor, "b B L H dh"]
+    mlp: Float[Tensor, "b B L d"]
+    logits: Float[Tensor, "b N vocab"]
+    log_norm: Float[Tensor, "b N"]
 
 
 def _tree_forward(model: LoadedModel, tries: list[Trie], cache: DynamicCache, key_mask: Int[Tensor, "b T"],
@@ -126,10 +133,18 @@ def _tree_forward(model: LoadedModel, tries: list[Trie], cache: DynamicCache, ke
         pos[i, : len(trie.node_token)] = torch.as_tensor(trie.depth)
     pos += last_pos.cpu()[:, None]
     mask = tree_mask(tries, key_mask[:, :-1].cpu(), width)
+    dev = model.device
+    # Only the branching nodes' activations are kept: the others are never a place
+    # where two candidates part.
+    n_branch = max(1, max(len(t.branches) for t in tries))
+    at = torch.zeros((len(tries), n_branch), dtype=torch.long)
+    for i, trie in enumerate(tries):
+        at[i, : len(trie.branches)] = torch.as_tensor(trie.branches, dtype=torch.long)
+    at, rows = at.to(dev), torch.arange(len(tries), device=dev)[:, None]
     got: dict[str, list] = {"resid": [None] * (len(layers) + 1), "z": [None] * len(layers), "mlp": [None] * len(layers)}
 
     def keep(kind, i, value):
-        got[kind][i] = value.float()
+        got[kind][i] = value[rows, at].float()
 
     handles = []
     for i, layer in enumerate(layers):
@@ -142,15 +157,15 @@ def _tree_forward(model: LoadedModel, tries: list[Trie], cache: DynamicCache, ke
         ]
     handles.append(layers[-1].register_forward_hook(
         lambda m, a, r: keep("resid", len(layers), r[0] if isinstance(r, tuple) else r)))
-    dev = model.device
     try:
         out = hf(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                  past_key_values=cache, use_cache=True)
     finally:
         for h in handles:
             h.remove()
+    log_norm = torch.stack([torch.logsumexp(row.float(), -1) for row in out.logits])  # one seed at a time
     return TreeActs(resid=torch.stack(got["resid"], 2), z=torch.stack(got["z"], 2), mlp=torch.stack(got["mlp"], 2),
-                    logprobs=torch.log_softmax(out.logits.float(), -1))
+                    logits=out.logits, log_norm=log_norm)
 
 
 @dataclass
@@ -175,10 +190,13 @@ def teacher_force(model: LoadedModel, tries: list[Trie], cache: DynamicCache, ke
     The cache may hold decoded tokens too: it is cut back to the prompt without its
     last token, which the tree pass feeds again as the root.
     """
+    hf = model.hf_model
+    if any(layer.self_attn.o_proj.bias is not None for layer in hf.model.layers):
+        # The heads' attributions would not add up to the attention output.
+        raise NotImplementedError(f"{model.spec}: attention output biases are not attributed to heads")
     cache.crop(-(cache.get_seq_length() - (key_mask.shape[1] - 1)))
     last_pos = key_mask.sum(-1) - 1
     acts = _tree_forward(model, tries, cache, key_mask, last_pos)
-    hf = model.hf_model
     eps = float(hf.model.norm.variance_epsilon)
     norm_weight = hf.model.norm.weight.float()
     n_heads = int(hf.config.num_attention_heads)
@@ -191,16 +209,17 @@ def teacher_force(model: LoadedModel, tries: list[Trie], cache: DynamicCache, ke
         logprob = np.full((c, n_steps), np.nan, dtype=np.float32)
         edge = np.full((c, n_steps), -1, dtype=np.int32)
         index = {e: j for j, e in enumerate(trie.edges)}
-        lp = acts.logprobs[i]
         for k, (seq, steps) in enumerate(zip(trie.tokens, trie.step_node)):
             if not seq or len(seq) > n_steps:
                 continue
             tokens[k, : len(seq)] = seq
-            logprob[k, : len(seq)] = lp[torch.as_tensor(steps), torch.as_tensor(seq)].cpu().numpy()
+            node, tok = torch.as_tensor(steps), torch.as_tensor(seq)
+            logprob[k, : len(seq)] = (acts.logits[i, node, tok].float() - acts.log_norm[i, node]).cpu().numpy()
             edge[k, : len(seq)] = [index.get((n, t), -1) for n, t in zip(steps, seq)]
         if len(trie.edges) > n_edges:
             raise RuntimeError(f"{len(trie.edges)} edges exceed the {n_edges} the store holds")
-        nodes = torch.as_tensor([n for n, _ in trie.edges], dtype=torch.long, device=acts.resid.device)
+        branch = {n: j for j, n in enumerate(trie.branches)}
+        nodes = torch.as_tensor([branch[n] for n, _ in trie.edges], dtype=torch.long, device=acts.resid.device)
         kids = torch.as_tensor([t for _, t in trie.edges], dtype=torch.long, device=norm_weight.device)
         u = hf.lm_head.weight[kids].float() * norm_weight  # [e, d]
         resid = acts.resid[i, nodes]  # [e, L+1, d]

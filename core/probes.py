@@ -71,7 +71,6 @@ def probe(x: Float[np.ndarray, "n d"], y: Float[np.ndarray, "n m"]) -> ProbeResu
     for pattern in np.unique(valid, axis=1).T:
         cols = [j for j in range(m) if (valid[:, j] == pattern).all()]
         xs, ys = x[pattern].astype(np.float64), y[pattern][:, cols].astype(np.float64)
-        alphas = alpha_grid(xs)
         used[cols] = len(ys)
         fit = [j for k, j in enumerate(cols) if len(ys) >= MIN_SEEDS and np.ptp(ys[:, k]) > 0]
         for j in cols:
@@ -82,6 +81,7 @@ def probe(x: Float[np.ndarray, "n d"], y: Float[np.ndarray, "n m"]) -> ProbeResu
         if not fit:
             continue
         ys = ys[:, [cols.index(j) for j in fit]]
+        alphas = alpha_grid(xs)
         pred, base, chosen = np.empty_like(ys), np.empty_like(ys), []
         for test in folds(len(ys)):
             train = np.setdiff1d(np.arange(len(ys)), test)

@@ -60,10 +60,15 @@ def finished(store: RunStore) -> np.ndarray:
     return np.nonzero(store.done())[0]
 
 
-def subset_mask(store: RunStore, view: View) -> tuple[np.ndarray, str]:
-    """Returns the view's subset as a mask over the finished seeds, and its note."""
+def subset_rows(store: RunStore, view: View) -> tuple[np.ndarray, str]:
+    """Returns the store rows of the view's subset of the finished seeds, and its note.
+
+    Every table reads `done` once, here: a build still running may finish seeds meanwhile.
+    """
     rows = finished(store)
-    return seed_subset(store.predictions()[rows], store.y_true()[rows], store.columns, view.subset, view.versus)
+    mask, note = seed_subset(store.predictions()[rows], store.y_true()[rows], store.columns, view.subset,
+                             view.versus)
+    return rows[mask], note
 
 
 def seed_row(store: RunStore, view: View) -> int:
@@ -101,6 +106,8 @@ def seed_answers(store: RunStore, view: View, cands: Candidates) -> pd.DataFrame
     """Returns every candidate's answer for the seed: value, error, text as tokenized and
     log-probability of the whole answer under the model (teacher-forced)."""
     row = seed_row(store, view)
+    if row not in cands.rows:
+        raise StoreError(f"seed {store.seeds[row]} finished after the candidates were read; load the page again")
     i = int(np.nonzero(cands.rows == row)[0][0])
     values = np.concatenate([[store.y_true()[row]], store.predictions()[row]])
     out = []
@@ -120,13 +127,13 @@ def seed_answers(store: RunStore, view: View, cands: Candidates) -> pd.DataFrame
 
 def leaderboard_table(store: RunStore, view: View) -> pd.DataFrame:
     """Returns the leaderboard over the view's seeds (`core.leaderboard.leaderboard`)."""
-    rows = finished(store)[subset_mask(store, view)[0]]
+    rows = subset_rows(store, view)[0]
     return leaderboard(store.predictions()[rows], store.y_true()[rows], store.columns)
 
 
 def seed_errors(store: RunStore, view: View) -> pd.DataFrame:
     """Returns each seed's absolute error per column, long format (NaN: failed answer)."""
-    rows = finished(store)[subset_mask(store, view)[0]]
+    rows = subset_rows(store, view)[0]
     err = abs_errors(store.predictions()[rows], store.y_true()[rows])
     seeds = np.asarray(store.seeds)[rows]
     return pd.DataFrame({"seed": np.repeat(seeds, err.shape[1]), "regressor": np.tile(store.columns, len(rows)),
@@ -138,7 +145,7 @@ def seed_errors(store: RunStore, view: View) -> pd.DataFrame:
 
 def pair_diff(store: RunStore, view: View, cands: Candidates) -> PairDiff:
     """Returns the view's pair's logit difference over its seeds (`core.logit_diff`)."""
-    return pair_logit_diff(cands, view.a, view.b, subset_mask(store, view)[0])
+    return pair_logit_diff(cands, view.a, view.b, np.isin(cands.rows, subset_rows(store, view)[0]))
 
 
 def lens_table(diff: PairDiff) -> pd.DataFrame:
@@ -166,7 +173,7 @@ def lens_summary(diff: PairDiff) -> pd.DataFrame:
 def component_summary(diff: PairDiff) -> pd.DataFrame:
     """Returns each component's direct contribution (embedding, each layer's attention and MLP), mean and spread."""
     n_layers = diff.attn.shape[1]
-    parts = [diff.embed[:, None], np.stack([diff.attn, diff.mlp], 2).reshape(len(diff.seeds), -1)]
+    parts = [diff.embed[:, None], np.stack([diff.attn, diff.mlp], 2).reshape(len(diff.seeds), 2 * n_layers)]
     index = pd.MultiIndex.from_tuples([("embed", -1)] + [(k, l) for l in range(n_layers) for k in ("attn", "mlp")],
                                       names=["component", "layer"])
     return spread(np.concatenate(parts, 1), index).reset_index()
@@ -193,7 +200,7 @@ def pair_status(diff: PairDiff) -> pd.DataFrame:
 def head_scores_table(store: RunStore, view: View) -> pd.DataFrame:
     """Returns per head the mean over the view's seeds of each `core.heads` score, ranked by
     attention to answer values minus attention to feature values."""
-    rows = finished(store)[subset_mask(store, view)[0]]
+    rows = subset_rows(store, view)[0]
     scores = store.root["summary/head_scores"][:][rows].mean(0)  # [4, L, H]
     n_layers, n_heads = scores.shape[1:]
     table = pd.DataFrame({"layer": np.repeat(np.arange(n_layers), n_heads), "head": np.tile(np.arange(n_heads), n_layers),
@@ -205,6 +212,9 @@ def head_scores_table(store: RunStore, view: View) -> pd.DataFrame:
 def final_attention(store: RunStore, view: View) -> pd.DataFrame:
     """Returns the attention of the final position over the seed's tokens, one column per head."""
     row = seed_row(store, view)
+    n_layers = store.attrs["model"]["n_layers"]
+    if not 0 <= view.layer < n_layers:
+        raise ValueError(f"layer {view.layer} is out of range: the model has layers 0-{n_layers - 1}")
     n = len(store.tokens(row))
     rows = store.attn_rows(row, view.layer)[:, -1, :n]  # [H, T]
     return pd.DataFrame(rows.T, columns=[f"L{view.layer}H{h}" for h in range(rows.shape[0])]).rename_axis("position")
@@ -213,7 +223,7 @@ def final_attention(store: RunStore, view: View) -> pd.DataFrame:
 def mlp_table(store: RunStore, view: View, diff: PairDiff) -> pd.DataFrame:
     """Returns per layer: the MLP's direct contribution to the pair's logit difference (mean,
     spread) and its output norm at the in-context answer slots and at the final position."""
-    rows = finished(store)[subset_mask(store, view)[0]]
+    rows = subset_rows(store, view)[0]
     norms = store.root["summary/mlp_norm"][:][rows]  # [s, L, P]
     n_layers = norms.shape[1]
     table = spread(diff.mlp, pd.RangeIndex(n_layers, name="layer")).add_prefix("logit_diff_").reset_index()
@@ -228,7 +238,7 @@ def mlp_table(store: RunStore, view: View, diff: PairDiff) -> pd.DataFrame:
 def probe_table(store: RunStore, view: View) -> pd.DataFrame:
     """Returns per layer and target the held-out R^2 of a ridge probe from the residual
     stream at the final position (`core.probes`), with its constant baseline and status."""
-    rows = finished(store)[subset_mask(store, view)[0]]
+    rows = subset_rows(store, view)[0]
     r = store.root
     targets = probe_targets(store.predictions()[rows], store.columns, store.y_true()[rows],
                             r["x_train"][:][rows], r["y_train"][:][rows])
@@ -245,7 +255,7 @@ def probe_table(store: RunStore, view: View) -> pd.DataFrame:
 
 # The CLI's export: table name -> function of (store, view, candidates).
 EXPORTS: dict[str, Callable[..., pd.DataFrame]] = {
-    "runs": lambda store, view, cands: runs_table(Path(store.path).parent),
+    "runs": lambda store, view, cands: runs_table(Path(str(store.path)).parent),
     "prompt": lambda store, view, cands: prompt_tokens(store, view),
     "answers": lambda store, view, cands: seed_answers(store, view, cands),
     "leaderboard": lambda store, view, cands: leaderboard_table(store, view),

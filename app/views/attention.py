@@ -15,7 +15,7 @@ from core.heads import HEAD_SCORE_DOC
 from core.tables import final_attention, head_scores_table
 
 header("Attention", "Which heads read the in-context answers, which read the features, and which copy.")
-store, _ = pick_run()
+store = pick_run().store
 view = pick_subset(store)
 scores = head_scores_table(store, view)
 st.markdown("\n".join(f"- **{k}**: {v}" for k, v in HEAD_SCORE_DOC.items()))

@@ -6,14 +6,14 @@ import streamlit as st
 
 from app.common import chart, download, header, pick_run, pick_subset
 from core.leaderboard import beats_all
-from core.tables import finished, leaderboard_table, seed_errors, subset_mask
+from core.tables import leaderboard_table, seed_errors, subset_rows
 
 header("Leaderboard", "Mean and median squared and absolute error over seeds; failures are unparsable answers "
        "(never dropped, never scored 0).")
-store, _ = pick_run()
+store = pick_run().store
 view = pick_subset(store)
 table = leaderboard_table(store, view)
-rows = finished(store)[subset_mask(store, view)[0]]
+rows = subset_rows(store, view)[0]
 share = beats_all(store.predictions()[rows], store.y_true()[rows], store.columns)
 model = table[table.regressor == "model"].iloc[0]
 c1, c2, c3 = st.columns(3)

@@ -11,8 +11,9 @@ from app.common import chart, download, header, pick_pair, pick_run, pick_subset
 from core.tables import component_summary, head_summary, lens_summary, lens_table, pair_diff, pair_status
 
 header("Logit difference by layer", "logit(A) - logit(B) at the first answer token where A and B differ.")
-store, path = pick_run()
-cands = run_candidates(store, path)
+run = pick_run()
+store = run.store
+cands = run_candidates(run)
 view = pick_subset(store)
 a, b = pick_pair(cands.names)
 view = replace(view, a=a, b=b)

@@ -9,14 +9,16 @@ from app.common import chart, download, header, pick_pair, pick_run, pick_subset
 from core.tables import mlp_table, pair_diff
 
 header("MLP", "What each layer's MLP adds to logit(A) - logit(B), and how large its output is.")
-store, path = pick_run()
-cands = run_candidates(store, path)
+run = pick_run()
+store = run.store
+cands = run_candidates(run)
 view = pick_subset(store)
 a, b = pick_pair(cands.names)
 view = replace(view, a=a, b=b)
 diff = pair_diff(store, view, cands)
 table = mlp_table(store, view, diff)
-n_last = st.slider("Last N layers in the heatmap", 1, len(table), min(8, len(table)), key="w:last_n")
+n_last = (st.slider("Last N layers in the heatmap", 1, len(table), min(8, len(table)), key="w:last_n")
+          if len(table) > 1 else 1)
 st.caption(f"Direct contribution of each MLP to the logit difference of **{a}** versus **{b}** at their first "
            f"differing answer token (as on the logit-difference page), over {int(table.logit_diff_n_seeds.max())} seeds.")
 

@@ -1,26 +1,27 @@
 """Probes: what a linear read-out of the residual stream at the final position recovers."""
 
 import altair as alt
+import pandas as pd
 import streamlit as st
 
-from app.common import chart, download, header, pick_run, pick_subset
+from app.common import chart, download, header, open_store, pick_run, pick_subset
 from core.probes import N_FOLDS, RELATIVE_ALPHAS
+from core.tables import View, probe_table
 
 header("Probes", "Ridge probes from the residual stream at the final position, per layer.")
-store, path = pick_run()
+run = pick_run()
+store = run.store
 view = pick_subset(store)
 
 
 @st.cache_data(show_spinner=False)
-def probes(path: str, mtime: float, subset: str, versus: str | None):
-    from app.common import open_store
-    from core.tables import View, probe_table
-
-    return probe_table(open_store(path, mtime), View(subset=subset, versus=versus))
+def probes(key: tuple[str, float, int], subset: str, versus: str | None) -> pd.DataFrame:
+    """The probe table, once per run state and subset (`core.tables.probe_table`)."""
+    return probe_table(open_store(*key[:2]), View(subset=subset, versus=versus))
 
 
 with st.spinner("Fitting probes (once per run and subset)..."):
-    table = probes(str(path), (path / "zarr.json").stat().st_mtime, view.subset, view.versus)
+    table = probes(run.key, view.subset, view.versus)
 st.caption(f"Held-out R^2 from {N_FOLDS}-fold cross-validation over seeds; the penalty is chosen inside each "
            f"training fold by leave-one-out, from {RELATIVE_ALPHAS[0]:g} to {RELATIVE_ALPHAS[-1]:g} times the mean "
            "squared norm of a (centred) residual at that layer. Targets: the truth, each column's "

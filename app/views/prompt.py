@@ -10,11 +10,12 @@ from app.common import chart, download, header, pick_run, pick_seed, run_candida
 from core.tables import View, prompt_tokens, seed_answers
 
 header("Prompt", "One seed's prompt as the model read it, and what each candidate answered.")
-store, path = pick_run()
+run = pick_run()
+store = run.store
 seed = pick_seed(store)
 view = View(seed=seed)
 tokens = prompt_tokens(store, view)
-answers = seed_answers(store, view, run_candidates(store, path))
+answers = seed_answers(store, view, run_candidates(run))
 row = store.index(seed)
 
 c1, c2, c3 = st.columns(3)

@@ -11,7 +11,8 @@ table = runs_table(cache_dir())
 if len(table):
     st.dataframe(table, hide_index=True)
     download(table, "runs")
-store, path = pick_run()
+run = pick_run()
+store = run.store
 a = store.attrs
 st.subheader(store.name)
 model, data, prompt, build = a["model"], a["dataset"], a["prompt"], a["build"]
