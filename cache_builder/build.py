@@ -25,8 +25,8 @@ from core.memory import pin_mmap_threshold
 from core.models import LoadedModel, check_spec, context_length, load_model, load_tokenizer, number_tokens
 from core.prompts import TEMPLATE, Prompt, build_prompts, choose_format, parse_number, tokenize_prompt
 from core.regressors import default_suite, get_regressor, predict_all
-from core.summary import seed_summary
 from core.store import FLOAT16_LIMIT, MODEL_COLUMN, ActsLayout, Layout, RunStore, StoreError, location
+from core.summary import seed_summary
 
 DEFAULT_CACHE = Path("cache")
 # How long a shard other than 0 waits for shard 0 to create the store.

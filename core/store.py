@@ -24,10 +24,10 @@ from zarr.codecs import BloscCodec
 
 from core import candidates as core_candidates
 from core import summary as core_summary
-from core.heads import HEAD_SCORES
 from core.candidates import TRUTH, SeedCandidates
+from core.heads import HEAD_SCORES
 
-SCHEMA_VERSION = 2  # 2: candidates/
+SCHEMA_VERSION = 2  # 2: candidates/, summary/, vocab/
 MODEL_COLUMN = "model"
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
 
@@ -166,7 +166,8 @@ class RunStore:
             raise StoreError(f"{path} cannot be opened as a Zarr v3 group: {exc}") from None
         version = root.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise StoreError(f"{path} has schema version {version}; this code reads {SCHEMA_VERSION}")
+            raise StoreError(f"{path} has schema version {version}; this code reads {SCHEMA_VERSION}: "
+                             "build it again (its command is in its attrs, build.command)")
         if "params" not in root.attrs:
             raise StoreError(f"{path} is half-created (killed while being set up); "
                              "run its build command again to recreate it")
