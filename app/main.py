@@ -1,6 +1,8 @@
 """The workbench app: `streamlit run app/main.py`. One module per page under app/views/."""
 
+import importlib
 import sys
+import threading
 from pathlib import Path
 
 import streamlit as st
@@ -15,3 +17,8 @@ PAGES = [("runs", "Runs", True), ("prompt", "Prompt", False), ("leaderboard", "L
          ("mlp", "MLP", False), ("probes", "Probes", False)]
 st.navigation([st.Page(VIEWS / f"{name}.py", title=title, url_path=name.replace("_", "-"), default=default)
                for name, title, default in PAGES]).run()
+
+if "circuitsvis" not in sys.modules:
+    # The Attention page's CircuitsVis imports torch (1.6 s here): load it in the
+    # background once the first page is drawn, while the reviewer reads it.
+    threading.Thread(target=importlib.import_module, args=("circuitsvis",), daemon=True).start()

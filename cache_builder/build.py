@@ -19,7 +19,8 @@ from tqdm import tqdm
 from core import store as run_store
 from core.capture import ACT_NAMES, Captured, Recorder
 from core.datasets import DATASETS
-from core.candidates import SeedCandidates, build_trie, candidate_texts, teacher_force
+from core.candidates import SeedCandidates, build_trie, candidate_texts
+from core.teacher_forcing import teacher_force
 from core.generation import Decoded, Timing, greedy_answers
 from core.memory import pin_mmap_threshold
 from core.models import LoadedModel, check_spec, context_length, load_model, load_tokenizer, number_tokens

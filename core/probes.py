@@ -64,7 +64,8 @@ class ProbeResult:
 def probe(x: Float[np.ndarray, "n d"], y: Float[np.ndarray, "n m"]) -> ProbeResult:
     """Fits and scores one ridge probe per target column (seeds with a NaN target are left out)."""
     m = y.shape[1]
-    r2, const, alpha, used = (np.full(m, np.nan) for _ in range(4))
+    r2, const, alpha = (np.full(m, np.nan) for _ in range(3))
+    used = np.zeros(m, dtype=int)
     status = [""] * m
     valid = np.isfinite(y) & np.isfinite(x).all(1)[:, None]
     # Targets with the same seeds share one SVD per fold.

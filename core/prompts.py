@@ -8,15 +8,20 @@ Two formats:
 - `natural`: `str` of the rounded number; lengths and positions vary per seed.
 """
 
+from __future__ import annotations
+
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from jaxtyping import Int
-from transformers import PreTrainedTokenizerBase
 
-from core.datasets import Sample
+if TYPE_CHECKING:  # annotations only: reading a run store needs neither sklearn nor transformers
+    from transformers import PreTrainedTokenizerBase
+
+    from core.datasets import Sample
 
 HEADER = ('The task is to provide your best estimate for "Output". '
           "Please provide that and only that, without any additional text.\n\n\n\n\n")

@@ -40,7 +40,7 @@ if len(bad):
                + "; ".join(f"{s}: {n}" for s, n in bad.status.value_counts().items()))
 best = table.loc[table.dropna(subset=["r2"]).groupby("target").r2.idxmax()].sort_values("r2", ascending=False)
 st.subheader("Best layer per target")
-st.dataframe(best.style.format(precision=3), hide_index=True)
+st.dataframe(best.style.format({"r2": "{:.3f}", "constant_r2": "{:.3f}", "alpha": "{:.3g}"}), hide_index=True)
 with st.expander("Every probe"):
     st.dataframe(table, hide_index=True)
 download(table, "probes", "every probe")
