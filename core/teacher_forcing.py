@@ -105,11 +105,28 @@ def teacher_force(model: LoadedModel, tries: list[Trie], cache: DynamicCache, ke
     last_pos = key_mask.sum(-1) - 1
     acts = _tree_forward(model, tries, cache, key_mask, last_pos)
     eps = float(hf.model.norm.variance_epsilon)
-    norm_weight = hf.model.norm.weight.float()
     n_heads = int(hf.config.num_attention_heads)
-    w_o = torch.stack([layer.self_attn.o_proj.weight.float().unflatten(1, (n_heads, -1))
-                       for layer in hf.model.layers])  # [L, d, H, dh]
-    out = []
+    # Every seed's edges at once: the row of its branching node in `acts`, and its token.
+    seed_of, node_of, token_of = [], [], []
+    for i, trie in enumerate(tries):
+        if len(trie.edges) > n_edges:
+            raise RuntimeError(f"{len(trie.edges)} edges exceed the {n_edges} the store holds")
+        branch = {n: j for j, n in enumerate(trie.branches)}
+        for n, t in trie.edges:
+            seed_of.append(i)
+            node_of.append(branch[n])
+            token_of.append(t)
+    at = tuple(torch.as_tensor(x, dtype=torch.long, device=acts.resid.device) for x in (seed_of, node_of))
+    w_u = hf.lm_head.weight
+    u = w_u[torch.as_tensor(token_of, dtype=torch.long, device=w_u.device)].float() * hf.model.norm.weight.float()
+    resid, z = acts.resid[at], acts.z[at]  # [E, L+1, d], [E, L, H, dh]
+    rms = torch.sqrt(resid.pow(2).mean(-1) + eps)
+    embed = torch.einsum("ed,ed->e", resid[:, 0], u)
+    mlp = torch.einsum("eld,ed->el", acts.mlp[at], u)
+    # Head h adds z_h . (W_O[:, h]^T u): one product with each layer's W_O, no copy of them all.
+    heads = torch.stack([(z[:, l] * (u @ layer.self_attn.o_proj.weight.float()).unflatten(-1, (n_heads, -1))).sum(-1)
+                         for l, layer in enumerate(hf.model.layers)], 1)  # [E, L, H]
+    out, first = [], 0
     for i, trie in enumerate(tries):
         c = len(trie.tokens)
         tokens = np.full((c, n_steps), -1, dtype=np.int32)
@@ -123,20 +140,11 @@ def teacher_force(model: LoadedModel, tries: list[Trie], cache: DynamicCache, ke
             node, tok = torch.as_tensor(steps), torch.as_tensor(seq)
             logprob[k, : len(seq)] = (acts.logits[i, node, tok].float() - acts.log_norm[i, node]).cpu().numpy()
             edge[k, : len(seq)] = [index.get((n, t), -1) for n, t in zip(steps, seq)]
-        if len(trie.edges) > n_edges:
-            raise RuntimeError(f"{len(trie.edges)} edges exceed the {n_edges} the store holds")
-        branch = {n: j for j, n in enumerate(trie.branches)}
-        nodes = torch.as_tensor([branch[n] for n, _ in trie.edges], dtype=torch.long, device=acts.resid.device)
-        kids = torch.as_tensor([t for _, t in trie.edges], dtype=torch.long, device=norm_weight.device)
-        u = hf.lm_head.weight[kids].float() * norm_weight  # [e, d]
-        resid = acts.resid[i, nodes]  # [e, L+1, d]
-        rms = torch.sqrt(resid.pow(2).mean(-1) + eps)
-        heads = torch.einsum("elhk,ldhk,ed->elh", acts.z[i, nodes], w_o, u)
-        seed = SeedCandidates(
-            tokens=tokens, logprob=logprob, edge=edge,
-            rms=_pad(rms, n_edges), dla_embed=_pad(torch.einsum("ed,ed->e", resid[:, 0], u), n_edges),
-            dla_heads=_pad(heads, n_edges), dla_mlp=_pad(torch.einsum("eld,ed->el", acts.mlp[i, nodes], u), n_edges))
-        out.append(seed)
+        mine = slice(first, first + len(trie.edges))
+        first = mine.stop
+        out.append(SeedCandidates(tokens=tokens, logprob=logprob, edge=edge, rms=_pad(rms[mine], n_edges),
+                                  dla_embed=_pad(embed[mine], n_edges), dla_heads=_pad(heads[mine], n_edges),
+                                  dla_mlp=_pad(mlp[mine], n_edges)))
     return out
 
 
