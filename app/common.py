@@ -2,7 +2,7 @@
 CSV downloads and readable errors. Numbers come from `core.tables`; pages lay them out."""
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import altair as alt
@@ -10,9 +10,9 @@ import pandas as pd
 import streamlit as st
 
 from core.leaderboard import SUBSETS
-from core.logit_diff import Candidates, load_candidates
+from core.logit_diff import Candidates, PairDiff, load_candidates
 from core.store import MODEL_COLUMN, RunStore, StoreError
-from core.tables import View, find_runs, subset_rows
+from core.tables import View, find_runs, pair_diff, subset_rows
 
 SUBSET_LABELS = {"all": "all seeds", "model-better": "model better than a regressor",
                  "model-worse": "model worse than a regressor",
@@ -137,13 +137,18 @@ def pick_subset(store: RunStore) -> View:
     return view
 
 
-def pick_pair(names: list[str]) -> tuple[str, str]:
-    a = choose("Candidate A", "a", names, default="truth")
-    b = choose("Candidate B", "b", names, default=MODEL_COLUMN)
+def pick_pair_diff(run: Run) -> tuple[View, PairDiff]:
+    """The sidebar's seed subset and candidate pair; returns the view and the pair's logit
+    difference over that subset (`core.tables.pair_diff`)."""
+    cands = run_candidates(run)
+    view = pick_subset(run.store)
+    a = choose("Candidate A", "a", cands.names, default="truth")
+    b = choose("Candidate B", "b", cands.names, default=MODEL_COLUMN)
     if a == b:
         st.warning("A and B are the same candidate: their difference is zero. Choose two.")
         st.stop()
-    return a, b
+    view = replace(view, a=a, b=b)
+    return view, pair_diff(run.store, view, cands)
 
 
 def download(table: pd.DataFrame, name: str, label: str = "CSV") -> None:

@@ -1,23 +1,17 @@
 """Logit difference by layer: the logit lens on the residual stream and each layer's,
 MLP's and head's direct contribution, for a pair of candidate answers."""
 
-from dataclasses import replace
-
 import altair as alt
 import numpy as np
 import streamlit as st
 
-from app.common import chart, download, header, pick_pair, pick_run, pick_subset, run_candidates
-from core.tables import component_summary, head_summary, lens_summary, lens_table, pair_diff, pair_status
+from app.common import chart, download, header, pick_pair_diff, pick_run
+from core.tables import component_summary, head_summary, lens_summary, lens_table, pair_status
 
 header("Logit difference by layer", "logit(A) - logit(B) at the first answer token where A and B differ.")
 run = pick_run()
-store = run.store
-cands = run_candidates(run)
-view = pick_subset(store)
-a, b = pick_pair(cands.names)
-view = replace(view, a=a, b=b)
-diff = pair_diff(store, view, cands)
+view, diff = pick_pair_diff(run)
+a, b = view.a, view.b
 ok = diff.ok
 st.info(
     f"**What is compared.** For each seed, with that seed's own answers: A = **{a}**, B = **{b}**, each written "

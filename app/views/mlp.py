@@ -1,21 +1,16 @@
 """MLP: each layer's MLP contribution to a pair's logit difference, and MLP output norms."""
 
-from dataclasses import replace
-
 import altair as alt
 import streamlit as st
 
-from app.common import chart, download, header, pick_pair, pick_run, pick_subset, run_candidates
-from core.tables import mlp_table, pair_diff
+from app.common import chart, download, header, pick_pair_diff, pick_run
+from core.tables import mlp_table
 
 header("MLP", "What each layer's MLP adds to logit(A) - logit(B), and how large its output is.")
 run = pick_run()
 store = run.store
-cands = run_candidates(run)
-view = pick_subset(store)
-a, b = pick_pair(cands.names)
-view = replace(view, a=a, b=b)
-diff = pair_diff(store, view, cands)
+view, diff = pick_pair_diff(run)
+a, b = view.a, view.b
 table = mlp_table(store, view, diff)
 n_last = (st.slider("Last N layers in the heatmap", 1, len(table), min(8, len(table)), key="w:last_n")
           if len(table) > 1 else 1)
