@@ -12,6 +12,12 @@ def abs_errors(predictions: Float[np.ndarray, "s R"], y_true: Float[np.ndarray, 
     return np.abs(predictions - y_true[:, None])
 
 
+def ranked_errors(predictions: Float[np.ndarray, "s R"], y_true: Float[np.ndarray, " s"]) -> Float[np.ndarray, "s R"]:
+    """Returns |prediction - truth| with a failed answer's as infinity: it loses to any number."""
+    err = abs_errors(predictions, y_true)
+    return np.where(np.isnan(err), np.inf, err)
+
+
 def leaderboard(predictions: Float[np.ndarray, "s R"], y_true: Float[np.ndarray, " s"],
                 columns: list[str], reference: str = MODEL_COLUMN) -> pd.DataFrame:
     """Returns one row per column, sorted by mean squared error.
@@ -24,7 +30,7 @@ def leaderboard(predictions: Float[np.ndarray, "s R"], y_true: Float[np.ndarray,
       (1 = best, ties share the average rank, failures rank last).
     """
     err = abs_errors(predictions, y_true)
-    ranked = np.where(np.isnan(err), np.inf, err)
+    ranked = ranked_errors(predictions, y_true)
     ranks = pd.DataFrame(ranked).rank(axis=1, method="average").to_numpy()
     ref = ranked[:, columns.index(reference)]
     rows = []
@@ -64,7 +70,7 @@ def seed_subset(predictions: Float[np.ndarray, "s R"], y_true: Float[np.ndarray,
     - `model-low-error`: seeds where the model's error is at most its median (biased:
       the note says so).
     """
-    err = np.where(np.isnan(abs_errors(predictions, y_true)), np.inf, abs_errors(predictions, y_true))
+    err = ranked_errors(predictions, y_true)
     model = err[:, columns.index(MODEL_COLUMN)]
     if kind == "all":
         return np.ones(len(y_true), bool), "all seeds"
@@ -83,7 +89,7 @@ def beats_all(predictions: Float[np.ndarray, "s R"], y_true: Float[np.ndarray, "
               baselines: tuple[str, ...] = ("mean", "last", "random")) -> float:
     """Returns the share of seeds where the model's error is below every classical
     regressor's (the baselines left out; a failed answer never wins)."""
-    err = np.where(np.isnan(abs_errors(predictions, y_true)), np.inf, abs_errors(predictions, y_true))
+    err = ranked_errors(predictions, y_true)
     others = [j for j, c in enumerate(columns) if c != MODEL_COLUMN and c not in baselines]
     if not others:
         return float("nan")
