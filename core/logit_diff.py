@@ -13,12 +13,12 @@ node (`core.candidates`). There:
 - `answer_logprob`: log p(a) - log p(b) of the whole answers at the last layer.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from jaxtyping import Float, Int
 
-from core.candidates import TRUTH
+from core.candidates import TRUTH, SeedCandidates
 from core.store import RunStore
 
 
@@ -47,7 +47,7 @@ def load_candidates(store: RunStore) -> Candidates:
     """Returns the candidates of the store's finished seeds."""
     g = store.root["candidates"]
     rows = np.nonzero(store.done())[0]
-    read = {name: g[name][:][rows] for name in ("tokens", "logprob", "edge", "rms", "dla_embed", "dla_heads", "dla_mlp")}
+    read = {f.name: g[f.name][:][rows] for f in fields(SeedCandidates)}  # the arrays the builder writes
     return Candidates(names=list(g.attrs["names"]), rows=rows, seeds=np.asarray(store.seeds)[rows], **read)
 
 
