@@ -33,20 +33,13 @@ SHAPES = {"tiny": {}, "smollm2": {"hidden_size": 576, "intermediate_size": 1536,
 
 def use(tokenizer_dir: str, shape: dict) -> None:
     """Points the tiny model at a saved tokenizer and widens it to `shape`."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     models.embedded_tokenizer = lambda: tok
     models.embedded_gguf_path = lambda: Path(tokenizer_dir)  # the package's check
-
-    def hf(seed: int = 0) -> torch.nn.Module:
-        sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, **shape}
-        config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=models.TINY_CONTEXT, tie_word_embeddings=True,
-                             bos_token_id=1, eos_token_id=2, pad_token_id=2, attn_implementation="sdpa", **sizes)
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config).eval()
-    models.tiny_random_llama_hf = hf
+    tiny = models.tiny_random_llama_hf
+    models.tiny_random_llama_hf = lambda seed=0: tiny(seed, **shape)
 
 
 @torch.inference_mode()

@@ -160,15 +160,18 @@ def _load_smollm2(device: torch.device, dtype: torch.dtype) -> LoadedModel:
                  name=f"SmolLM2-135M-Instruct ({path.name} from {EMBEDDED_PACKAGE} {EMBEDDED_VERSION})")
 
 
-def tiny_random_llama_hf(seed: int = 0) -> torch.nn.Module:
-    """Returns the raw HF model behind `tiny-random-llama` (same weights every call)."""
+def tiny_random_llama_hf(seed: int = 0, **sizes: int) -> torch.nn.Module:
+    """Returns the raw HF model behind `tiny-random-llama` (same weights every call).
+
+    `sizes`: LlamaConfig sizes replacing the tiny ones (a benchmark at a real model's shape).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, **sizes}
     config = LlamaConfig(
-        vocab_size=len(embedded_tokenizer()), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=TINY_CONTEXT, tie_word_embeddings=True, bos_token_id=1,
-        eos_token_id=2, pad_token_id=2, attn_implementation="sdpa",
+        vocab_size=len(embedded_tokenizer()), max_position_embeddings=TINY_CONTEXT, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, attn_implementation="sdpa", **shape,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
