@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 from jaxtyping import Float, Int
 
-from core.candidates import TRUTH, SeedCandidates
+from core.candidates import SeedCandidates
 from core.store import RunStore
 
 
@@ -106,8 +106,3 @@ def pair_logit_diff(c: Candidates, a: str, b: str, subset: np.ndarray | None = N
                     lens=np.where(ok[:, None], accumulated / rms, np.nan),
                     embed=embed / final[:, 0], attn=attn / final, mlp=mlp / final,
                     heads=heads / final[:, :, None], answer_logprob=full)
-
-
-def default_pair(names: list[str]) -> tuple[str, str]:
-    """Returns the pair a page opens with: the truth against the model's answer."""
-    return TRUTH, names[1]
