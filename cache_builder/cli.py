@@ -10,7 +10,7 @@ import pandas as pd
 
 from cache_builder.build import DEFAULT_CACHE, BuildError, BuildSpec, build, consolidate
 from core.candidates import TRUTH
-from core.leaderboard import SUBSETS, store_leaderboard
+from core.leaderboard import REL_TOL, SUBSETS, store_leaderboard
 from core.logit_diff import load_candidates
 from core.models import ModelUnavailable
 from core.prompts import FORMATS, PromptError
@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="per-regressor errors of a run")
     lb.add_argument("run", help="store path or name under --cache")
     lb.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    lb.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    lb.add_argument("--csv", action="store_true", help="print CSV (every estimator's row) instead of a table")
     ex = sub.add_parser("export", help="write one of the app's tables as CSV (README: 'Exporting')")
     ex.add_argument("run", help="store path or name under --cache")
     ex.add_argument("table", help=", ".join(EXPORTS))
@@ -136,13 +136,15 @@ def _run(argv: list[str]) -> int:
     elif args.command == "info":
         print(describe(store))
     elif args.command == "leaderboard":
-        table = store_leaderboard(store)
         if args.csv:
-            print(table.to_csv(index=False), end="")
+            print(store_leaderboard(store).to_csv(index=False), end="")
         else:
+            table = store_leaderboard(store, collapse=True)
             done = store.done()
             print(f"{store.name}: {int(done.sum())}/{len(done)} seeds done")
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            print(f"Estimators whose predictions agree within {REL_TOL:g} (relative) on every seed are one row, "
+                  "named by the first; equivalent_to lists the others (--csv keeps every row).")
     return 0
 
 

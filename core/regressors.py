@@ -121,10 +121,22 @@ def ols(x: X, y: Y, q: Q, seed: int) -> float:
     return my + (q - mx) @ w
 
 
-@_register("lr-normal-equation", "lr_methods", "solve (X^T X) w = X^T y, intercept by centering")
+# Above this condition number of X^T X, `solve` returns an arbitrary point of a near-flat
+# valley (float64 keeps ~16 digits; 1e12 leaves 4 for the answer).
+NORMAL_EQUATION_MAX_COND = 1e12
+
+
+@_register("lr-normal-equation", "lr_methods",
+           "solve (X^T X) w = X^T y, intercept by centering; where X^T X is singular or ill-conditioned "
+           f"(condition number > {NORMAL_EQUATION_MAX_COND:.0e}, e.g. no more examples than unknowns), "
+           "the minimum-norm least-squares solution instead")
 def normal_equation(x: X, y: Y, q: Q, seed: int) -> float:
     xc, yc, mx, my = _center(x, y)
-    w = np.linalg.solve(xc.T @ xc, xc.T @ yc)
+    gram = xc.T @ xc
+    if np.linalg.cond(gram) > NORMAL_EQUATION_MAX_COND:
+        w = np.linalg.lstsq(xc, yc, rcond=None)[0]
+    else:
+        w = np.linalg.solve(gram, xc.T @ yc)
     return my + (q - mx) @ w
 
 

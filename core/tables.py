@@ -125,10 +125,11 @@ def seed_answers(store: RunStore, view: View, cands: Candidates) -> pd.DataFrame
 # Leaderboard
 
 
-def leaderboard_table(store: RunStore, view: View) -> pd.DataFrame:
-    """Returns the leaderboard over the view's seeds (`core.leaderboard.leaderboard`)."""
+def leaderboard_table(store: RunStore, view: View, collapse: bool = False) -> pd.DataFrame:
+    """Returns the leaderboard over the view's seeds (`core.leaderboard.leaderboard`);
+    `collapse`: one row per group of equivalent estimators."""
     rows = subset_rows(store, view)[0]
-    return leaderboard(store.predictions()[rows], store.y_true()[rows], store.columns)
+    return leaderboard(store.predictions()[rows], store.y_true()[rows], store.columns, collapse=collapse)
 
 
 def seed_errors(store: RunStore, view: View) -> pd.DataFrame:

@@ -4,15 +4,19 @@ and how often the model beats the classical regressors."""
 import altair as alt
 import streamlit as st
 
-from app.common import chart, download, header, pick_run, pick_subset
-from core.leaderboard import beats_all
+from app.common import chart, download, header, param, pick_run, pick_subset, set_param
+from core.leaderboard import REL_TOL, beats_all
 from core.tables import leaderboard_table, seed_errors, subset_rows
 
 header("Leaderboard", "Mean and median squared and absolute error over seeds; failures are unparsable answers "
        "(never dropped, never scored 0).")
 store = pick_run().store
 view = pick_subset(store)
-table = leaderboard_table(store, view)
+every_row = st.toggle("Show every estimator", value=param("expand") == "1",
+                      help=f"Estimators whose predictions agree within {REL_TOL:g} (relative) on every seed of this "
+                           "subset are one estimator: one row, named by the first, the others in equivalent_to.")
+set_param("expand", "1" if every_row else None)
+table = leaderboard_table(store, view, collapse=not every_row)
 rows = subset_rows(store, view)[0]
 share = beats_all(store.predictions()[rows], store.y_true()[rows], store.columns)
 model = table[table.regressor == "model"].iloc[0]
@@ -25,14 +29,15 @@ if model.failures:
     st.warning(f"The model failed to give a number on {int(model.failures)} seeds: those count as losses.")
 st.dataframe(table.style.apply(lambda r: ["background-color:#fee2e2" if r.regressor == "model" else ""] * len(r),
                                axis=1).format(precision=4), hide_index=True, height=36 * (len(table) + 1))
-st.caption("beats_model: share of seeds where the regressor's absolute error is smaller than the model's. "
-           "avg_rank: mean rank by absolute error among all columns (1 = best).")
+st.caption(f"beats_model: share of seeds where the regressor's absolute error is smaller than the model's. "
+           f"avg_rank: mean rank by absolute error among all columns (1 = best). Errors equal within {REL_TOL:g} "
+           "of the larger magnitude tie: float noise is no win and no rank.")
 download(table, "leaderboard")
 
 st.subheader("Per-seed absolute error")
 errors = seed_errors(store, view)
 order = table.regressor.tolist()
-ok = errors.dropna()
+ok = errors[errors.regressor.isin(order)].dropna()
 ok = ok[ok.abs_error > 0]
 chart(alt.Chart(ok).mark_boxplot(extent="min-max").encode(
     x=alt.X("abs_error", scale=alt.Scale(type="log"), title="absolute error (log scale)"),
