@@ -1,0 +1,477 @@
+"""The executor: every row of a plan (`core.interventions.plan`) through the model, batched.
+
+1. Clean passes: each prompt the rows run on, or take values from, is run once
+   (batched) with hooks that keep its KV cache, its residual stream from the earliest
+   position any row changes, and the activations at the patched sites and positions.
+2. Chunks: rows sorted by the (position, layer) from which they can change anything
+   are packed into chunks whose recomputed span wastes little (`WASTE`). A chunk
+   starts from the clean residual stream entering its first layer at its first
+   position, with the clean KV cache for every earlier position (and every position of
+   earlier layers), and runs only those layers over only those positions: what a patch
+   at position p of layer l cannot change is never recomputed. Each hook point applies
+   every row's patch with one indexed assignment (index tables over rows, positions,
+   heads). Attention is the model's SDPA (no [T, T] pattern).
+3. Answers: one tree-attention pass teacher-forces both answers of every row from the
+   patched cache (log-probabilities, the first differing token's logit difference),
+   then greedy decoding gives the number the model now writes.
+Unpatched rows of every prompt give the clean baselines in the same machinery.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformers import DynamicCache
+
+from core.candidates import TRUTH, build_trie, candidate_texts
+from core.generation import answer_complete
+from core.interventions import positions as named
+from core.interventions.backend import fingerprint
+from core.interventions.metrics import normalized_effect
+from core.interventions.plan import Plan, plan, start
+from core.interventions.result import Result
+from core.interventions.spec import Ablation, ExperimentRequest, Site, code_version, content_hash
+from core.models import LoadedModel
+from core.prompts import NumberFormat, parse_number
+from core.store import MODEL_COLUMN, RunStore, now
+
+WASTE = 1.25  # a chunk may recompute at most this much more than its rows need
+MAX_ROWS = 64
+TOKENS = {"cpu": 4096, "cuda": 65536}  # rows x recomputed positions per chunk
+KV_BYTES = 512 << 20  # the chunk's copy of the clean KV caches
+CLEAN_BATCH = {"cpu": 4, "cuda": 32}
+
+
+@dataclass
+class Clean:
+    """One prompt's clean run: KV per layer ([kv, T, dh]), the residual stream entering
+    each layer from position `p0` on ([L+1, T - p0, d]), and activations at `at`."""
+
+    kv: list[tuple[Tensor, Tensor]] | None
+    resid: Tensor | None
+    p0: int
+    vals: dict[str, Tensor]  # resid_pre [L+1, U, d], attn_out / mlp_out [L, U, d], head [L, U, H, dh]
+    at: np.ndarray  # the positions U of `vals`, sorted
+
+
+@dataclass
+class Job:
+    """One batch row: a prompt, its patches and the two answers it is scored on."""
+
+    prompt: int  # store row
+    layer: int  # first layer it can change
+    pos: int  # first position it can change
+    patches: list[tuple[Site, np.ndarray, Tensor]] = field(default_factory=list)  # site, positions, values
+    answers: tuple[list[int], list[int]] = ([], [])
+    out: dict = field(default_factory=dict)
+
+
+def _layers(model: LoadedModel) -> list[torch.nn.Module]:
+    return list(model.hf_model.model.layers)
+
+
+def _shape(model: LoadedModel) -> tuple[int, int, int]:
+    info = model.info
+    return info["n_layers"], info["n_heads"], info["d_head"]
+
+
+@torch.inference_mode()
+def clean_runs(model: LoadedModel, tokens: list[np.ndarray], keep_from: list[int | None], at: np.ndarray,
+               kinds: set[str]) -> list[Clean]:
+    """Returns each prompt's clean run (prompts of equal length run as one batch).
+
+    `keep_from[i]`: keep prompt i's KV cache and residual stream from that position
+    (None: only its activations at `at`, for a source or a mean).
+    """
+    layers = _layers(model)
+    n_layers, n_heads, d_head = _shape(model)
+    out: list[Clean | None] = [None] * len(tokens)
+    by_length: dict[int, list[int]] = {}
+    for i, t in enumerate(tokens):
+        by_length.setdefault(len(t), []).append(i)
+    size = CLEAN_BATCH.get(model.device.type, 4)
+    for idx in by_length.values():
+        for lo in range(0, len(idx), size):
+            batch = idx[lo: lo + size]
+            ids = torch.as_tensor(np.stack([tokens[i] for i in batch]), dtype=torch.long, device=model.device)
+            p0 = min((keep_from[i] for i in batch if keep_from[i] is not None), default=None)
+            for i, clean in zip(batch, _clean_batch(model, layers, ids, p0, at, kinds, n_layers, n_heads, d_head)):
+                keep = keep_from[i] is not None
+                out[i] = Clean(clean.kv if keep else None, clean.resid if keep else None, clean.p0, clean.vals, at)
+    return out
+
+
+def _clean_batch(model, layers, ids, p0, at, kinds, n_layers, n_heads, d_head) -> list[Clean]:
+    b = ids.shape[0]
+    at_t = torch.as_tensor(at, dtype=torch.long, device=model.device)
+    resid: list[Tensor | None] = [None] * (n_layers + 1)
+    vals: dict[str, list] = {k: [None] * (n_layers + 1 if k == "resid_pre" else n_layers) for k in kinds}
+
+    def keep_resid(i: int, h: Tensor) -> None:
+        if p0 is not None:
+            resid[i] = h[:, p0:]
+        if "resid_pre" in kinds:
+            vals["resid_pre"][i] = h[:, at_t]
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: keep_resid(i, a[0] if a else k["hidden_states"]), with_kwargs=True))
+        if "attn_out" in kinds:
+            handles.append(layer.self_attn.register_forward_hook(
+                lambda m, a, r, i=i: vals["attn_out"].__setitem__(i, r[0][:, at_t])))
+        if "mlp_out" in kinds:
+            handles.append(layer.mlp.register_forward_hook(lambda m, a, r, i=i: vals["mlp_out"].__setitem__(i, r[:, at_t])))
+        if "head" in kinds:
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
+                lambda m, a, i=i: vals["head"].__setitem__(i, a[0][:, at_t].unflatten(-1, (n_heads, d_head)))))
+    handles.append(layers[-1].register_forward_hook(
+        lambda m, a, r: keep_resid(n_layers, r[0] if isinstance(r, tuple) else r)))
+    cache = DynamicCache()
+    try:
+        model.hf_model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    stacked = {k: torch.stack(v, 1) for k, v in vals.items()}  # [b, L(+1), U, ...]
+    res = torch.stack(resid, 1) if p0 is not None else None
+    return [Clean(kv=[(layer.keys[j], layer.values[j]) for layer in cache.layers] if p0 is not None else None,
+                  resid=res[j] if res is not None else None, p0=p0 or 0,
+                  vals={k: v[j] for k, v in stacked.items()}, at=at) for j in range(b)]
+
+
+def _value(clean: Clean, site: Site, pos: np.ndarray) -> Tensor:
+    """Returns a clean run's activation at a site and positions: [p, d] (head: [p, dh])."""
+    idx = torch.as_tensor(np.searchsorted(clean.at, pos), dtype=torch.long, device=next(iter(clean.vals.values())).device)
+    v = clean.vals[site.kind][site.layer][idx]
+    return v[:, site.head] if site.kind == "head" else v
+
+
+class _Patcher:
+    """Every patch of a chunk, as index tables per hook point: (rows, positions[, heads]) -> values."""
+
+    def __init__(self, jobs: list[Job], pc: int, device: torch.device, dtype: torch.dtype) -> None:
+        table: dict[tuple[str, int], tuple[list, list, list, list]] = {}
+        for r, job in enumerate(jobs):
+            for site, pos, value in job.patches:
+                rows, ps, heads, values = table.setdefault((site.kind, site.layer), ([], [], [], []))
+                rows += [r] * len(pos)
+                ps += (pos - pc).tolist()
+                heads += [site.head or 0] * len(pos)
+                values.append(value)
+        as_long = lambda x: torch.as_tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        self.points = {key: (as_long(r), as_long(p), as_long(h), torch.cat(v).to(device=device, dtype=dtype))
+                       for key, (r, p, h, v) in table.items()}
+
+    def resid(self, layer: int, h: Tensor) -> None:
+        if ("resid_pre", layer) in self.points:
+            r, p, _, v = self.points["resid_pre", layer]
+            h[r, p] = v
+
+    def hooks(self, layers: list[torch.nn.Module]) -> list:
+        """Registers one in-place hook per patched module (a hook returning None keeps its tensor)."""
+        def put(target: Tensor, index: tuple, value: Tensor) -> None:
+            target.index_put_(index, value)
+
+        handles = []
+        for (kind, layer), (r, p, hd, v) in self.points.items():
+            if kind == "attn_out":
+                handles.append(layers[layer].self_attn.register_forward_hook(
+                    lambda m, a, out, r=r, p=p, v=v: put(out[0], (r, p), v)))
+            elif kind == "mlp_out":
+                handles.append(layers[layer].mlp.register_forward_hook(
+                    lambda m, a, out, r=r, p=p, v=v: put(out, (r, p), v)))
+            elif kind == "head":
+                d_head = layers[layer].self_attn.head_dim
+                handles.append(layers[layer].self_attn.o_proj.register_forward_pre_hook(
+                    lambda m, a, r=r, p=p, hd=hd, v=v, k=d_head: put(a[0].view(*a[0].shape[:2], -1, k), (r, p, hd), v)))
+        return handles
+
+
+def _chunks(jobs: list[Job], n_layers: int, n_tokens: int, budget_tokens: int, max_rows: int) -> list[list[Job]]:
+    """Packs jobs sorted by (position, layer) into chunks that recompute at most WASTE x what they need."""
+    work = lambda j: (n_layers - j.layer + 1) * (n_tokens - j.pos)  # noqa: E731
+    out: list[list[Job]] = []
+    for job in sorted(jobs, key=lambda j: (j.pos, j.layer)):
+        if out:
+            chunk = out[-1]
+            lc, pc = min(j.layer for j in chunk + [job]), min(j.pos for j in chunk + [job])
+            n = len(chunk) + 1
+            cost = n * (n_layers - lc + 1) * (n_tokens - pc)
+            if (n <= max_rows and n * (n_tokens - pc) <= budget_tokens
+                    and cost <= WASTE * sum(work(j) for j in chunk + [job])):
+                chunk.append(job)
+                continue
+        out.append([job])
+    return out
+
+
+@torch.inference_mode()
+def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_tokens: int, max_new_tokens: int,
+              decode: bool = True) -> None:
+    """Runs one chunk; fills each job's `out` with its metrics and decoded answer."""
+    hf, layers = model.hf_model, _layers(model)
+    n_layers = len(layers)
+    n, t, dev = len(jobs), n_tokens, model.device
+    lc, pc = min(j.layer for j in jobs), min(j.pos for j in jobs)
+    dtype = next(hf.parameters()).dtype
+    kv = []
+    for i in range(n_layers):
+        cut = t if i < lc else pc
+        if cut == 0:
+            kv.append((None, None))
+            continue
+        kv.append(tuple(torch.stack([clean[j.prompt].kv[i][w][:, :cut] for j in jobs]) for w in (0, 1)))
+    cache = DynamicCache(ddp_cache_data=kv)
+    h = torch.stack([clean[j.prompt].resid[lc, pc - clean[j.prompt].p0:] for j in jobs]).clone()
+    patcher = _Patcher(jobs, pc, dev, dtype)
+    if lc < n_layers:
+        pos_ids = torch.arange(pc, t, device=dev)[None].expand(n, -1)
+        mask = (torch.arange(t, device=dev)[None, :] <= torch.arange(pc, t, device=dev)[:, None])[None, None]
+        mask = mask.expand(n, 1, -1, -1)
+        rope = hf.model.rotary_emb(h, pos_ids)
+        handles = patcher.hooks(layers)
+        try:
+            for i in range(lc, n_layers):
+                patcher.resid(i, h)
+                h = layers[i](h, attention_mask=mask, position_ids=pos_ids, past_key_values=cache, use_cache=True,
+                              position_embeddings=rope)
+        finally:
+            for handle in handles:
+                handle.remove()
+    patcher.resid(n_layers, h)
+    final = torch.log_softmax(hf.lm_head(hf.model.norm(h[:, -1])).float(), -1)  # [n, V]
+    _score(model, jobs, cache, final, t)
+    if decode:
+        _decode(model, jobs, cache, final, t, max_new_tokens)
+
+
+def _score(model: LoadedModel, jobs: list[Job], cache: DynamicCache, final: Float[Tensor, "n V"], t: int) -> None:
+    """Teacher-forces both answers of every job from the patched cache (tree attention)."""
+    tries = [build_trie(0, [list(a) for a in job.answers]) for job in jobs]
+    width = max(len(tr.node_token) - 1 for tr in tries)
+    tree = None
+    if width:
+        n, dev = len(jobs), model.device
+        ids = torch.zeros((n, width), dtype=torch.long)
+        pos = torch.full((n, width), t, dtype=torch.long)
+        mask = torch.zeros((n, 1, width, t + width), dtype=torch.bool)
+        mask[:, 0, :, :t] = True
+        for r, tr in enumerate(tries):
+            depth = tr.depth
+            for node in range(1, len(tr.node_token)):
+                ids[r, node - 1] = tr.node_token[node]
+                pos[r, node - 1] = t - 1 + depth[node]
+                a = node
+                while a > 0:
+                    mask[r, 0, node - 1, t + a - 1] = True
+                    a = tr.parent[a]
+            for pad in range(len(tr.node_token) - 1, width):
+                mask[r, 0, pad, t + pad] = True
+        out = model.hf_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                             past_key_values=cache, use_cache=True)
+        tree = torch.log_softmax(out.logits.float(), -1)
+        cache.crop(-width)
+    for r, (job, tr) in enumerate(zip(jobs, tries)):
+        logp = lambda node: final[r] if node == 0 else tree[r, node - 1]  # noqa: E731
+        totals = []
+        for seq, steps in zip(tr.tokens, tr.step_node):
+            totals.append(float(sum(logp(s)[tok] for s, tok in zip(steps, seq))) if seq else np.nan)
+        a, b = job.answers
+        job.out["logprob_diff"] = totals[0] - totals[1]
+        k = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        node = tr.step_node[0][k] if k is not None else None
+        job.out["logit_diff"] = float(logp(node)[a[k]] - logp(node)[b[k]]) if node is not None else np.nan
+
+
+def _decode(model: LoadedModel, jobs: list[Job], cache: DynamicCache, final: Tensor, t: int,
+            max_new_tokens: int) -> None:
+    """Greedy answers from the patched cache, stopped once each holds a whole number."""
+    tok = model.tokenizer
+    n = len(jobs)
+    nxt = final.argmax(-1)
+    generated: list[list[int]] = [[] for _ in jobs]
+    done = [False] * n
+    for step in range(max_new_tokens):
+        for r, token in enumerate(nxt.tolist()):
+            if not done[r]:
+                generated[r].append(token)
+                done[r] = token == tok.eos_token_id or answer_complete(tok.decode(generated[r]))
+        if all(done) or step == max_new_tokens - 1:
+            break
+        pos = torch.full((n, 1), t + step, dtype=torch.long, device=model.device)
+        out = model.hf_model(input_ids=nxt[:, None], position_ids=pos, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1)
+    for job, g in zip(jobs, generated):
+        job.out["decoded_text"] = tok.decode(g, skip_special_tokens=True)
+
+
+def _answers(store: RunStore, request: ExperimentRequest, p: Plan, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """Returns each unit's answers A and B as tokens ([] for a candidate with no number)."""
+    exp = request.experiment.root
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False) if text else []  # noqa: E731
+    a = store.attrs
+    fmt = NumberFormat(a["prompt"]["format"], tuple(a["prompt"]["int_digits"]))
+    texts, preds, y_true = store.llm_text(), store.predictions(), store.y_true()
+
+    def candidate(row: int, name: str) -> list[int]:
+        cands = candidate_texts(y_true[row], texts[row], preds[row, 1:], fmt, a["dataset"]["n_features"])
+        return encode(cands[[TRUTH, *store.columns].index(name)])
+
+    if isinstance(exp, Ablation):
+        return [tuple(candidate(u.target, name) for name in exp.pair) for u in p.units]
+    name = TRUTH if exp.answers == "truth" else MODEL_COLUMN
+    return [(candidate(u.prompts[0], name), candidate(u.prompts[1], name)) for u in p.units]
+
+
+def execute(model: LoadedModel, store: RunStore, request: ExperimentRequest,
+            progress: Callable[[float, str], None] | None = None, decode: bool = True) -> Result:
+    """Runs an experiment on a run store and returns its result (see `core.interventions.result`)."""
+    started, t0 = now(), time.perf_counter()
+    say = progress or (lambda f, s: None)
+    p = plan(store, request, model.info)
+    exp = request.experiment.root
+    spans = named.Spans(store)
+    answers = _answers(store, request, p, model.tokenizer)
+    n_layers = p.n_layers
+
+    # Every position a cell covers on a prompt, every position a value is read at.
+    covers: dict[tuple[int, int], np.ndarray] = {}
+
+    def where(c: int, row: int) -> np.ndarray:
+        if (c, row) not in covers:
+            covers[c, row] = np.unique(np.concatenate([spans.resolve(row, n) for n in p.cells[c].positions]))
+        return covers[c, row]
+
+    at = np.unique(np.concatenate([where(c, u.target) for c in range(len(p.cells)) for u in p.units]))
+    kinds = {s.kind for cell in p.cells for s in cell.sites}
+
+    # Clean runs: prompts (KV + residual), sources (values), the mean's seeds (values).
+    starts = {}
+    for r in p.rows:
+        target = p.units[r.unit].target
+        starts[target] = min(starts.get(target, p.n_tokens), start(p.cells[r.cell], spans, target)[1])
+    prompts = {q for u in p.units for q in u.prompts}
+    keep = {q: min(starts.get(q, p.n_tokens - 1), int(spans.n_tokens[q]) - 1) for q in prompts}
+    sources = {r.source for r in p.rows if r.source >= 0} - prompts
+    mean_rows = (np.nonzero(store.done())[0].tolist()
+                 if isinstance(exp, Ablation) and exp.method == "mean" else [])
+    needed = sorted(prompts) + sorted(sources) + [m for m in mean_rows if m not in prompts and m not in sources]
+    say(0.0, f"clean runs of {len(needed)} prompts")
+    runs = clean_runs(model, [store.tokens(q) for q in needed], [keep.get(q) for q in needed], at, kinds)
+    clean = dict(zip(needed, runs))
+    mean = None
+    if mean_rows:
+        mean = Clean(None, None, 0, {k: torch.stack([clean[m].vals[k] for m in mean_rows]).float().mean(0)
+                                     for k in kinds}, at)
+        for q in set(mean_rows) - prompts - sources:
+            del clean[q]  # only the mean is needed of them
+
+    # Jobs: the baselines of every prompt, then every row.
+    jobs: list[Job] = []
+    baseline: dict[tuple[int, int], Job] = {}
+    for u, unit in enumerate(p.units):
+        for q in unit.prompts:
+            job = Job(q, n_layers, int(spans.n_tokens[q]) - 1, answers=answers[u])
+            baseline[u, q] = job
+            jobs.append(job)
+    row_jobs = []
+    for r in p.rows:
+        unit = p.units[r.unit]
+        cell = p.cells[r.cell]
+        layer, first = start(cell, spans, unit.target)
+        job = Job(unit.target, layer, first, answers=answers[r.unit])
+        pos = where(r.cell, unit.target)
+        for site in cell.sites:
+            if r.source >= 0:
+                value = _value(clean[r.source], site, pos)
+            elif mean is not None:
+                value = _value(mean, site, pos)
+            else:
+                width = model.info["d_head"] if site.kind == "head" else model.info["d_model"]
+                value = torch.zeros((len(pos), width), device=model.device)
+            job.patches.append((site, pos, value))
+        row_jobs.append(job)
+        jobs.append(job)
+
+    budget = TOKENS.get(model.device.type, TOKENS["cpu"])
+    kv_row = 2 * n_layers * model.info["n_kv_heads"] * model.info["d_head"] * p.n_tokens * \
+        torch.finfo(next(model.hf_model.parameters()).dtype).bits // 8
+    max_rows = max(1, min(MAX_ROWS, KV_BYTES // max(kv_row, 1)))
+    by_length: dict[int, list[Job]] = {}
+    for job in jobs:
+        by_length.setdefault(int(spans.n_tokens[job.prompt]), []).append(job)
+    chunks = [(t, c) for t, group in by_length.items() for c in _chunks(group, n_layers, t, budget, max_rows)]
+    max_new = int(store.attrs["prompt"]["max_new_tokens"])
+    for k, (t, chunk) in enumerate(chunks):
+        say(k / len(chunks), f"chunk {k + 1}/{len(chunks)} ({len(chunk)} rows)")
+        run_chunk(model, chunk, clean, t, max_new, decode)
+    say(1.0, "done")
+    return _result(request, store, model, p, jobs, row_jobs, baseline, started, t0, len(chunks), decode)
+
+
+def _result(request, store, model, p: Plan, jobs, row_jobs, baseline, started, t0, n_chunks, decode) -> Result:
+    exp = request.experiment.root
+    y_true = store.y_true()
+    seeds = store.seeds
+    is_ablation = isinstance(exp, Ablation)
+    m_clean, m_corrupt, base = [], [], {"unit": [], "target_seed": [], "truth": [], "clean_text": [],
+                                        "clean_decoded": []}
+    for u, unit in enumerate(p.units):
+        target = baseline[u, unit.target]
+        if is_ablation:
+            m_clean.append(target.out["logprob_diff"])
+            m_corrupt.append(0.0)
+        else:
+            m_clean.append(baseline[u, unit.prompts[0]].out["logprob_diff"])
+            m_corrupt.append(baseline[u, unit.prompts[1]].out["logprob_diff"])
+        text = target.out.get("decoded_text", "")
+        base["unit"].append(unit.label)
+        base["target_seed"].append(seeds[unit.target])
+        base["truth"].append(float(y_true[unit.target]))
+        base["clean_text"].append(text)
+        base["clean_decoded"].append(parse_number(text))
+    base.update(m_clean=m_clean, m_corrupt=m_corrupt)
+    units = np.array([r.unit for r in p.rows], dtype=int)
+    m = np.array([j.out["logprob_diff"] for j in row_jobs], dtype=float)
+    norm, flagged = normalized_effect(m, np.asarray(m_clean)[units], np.asarray(m_corrupt)[units])
+    texts = [j.out.get("decoded_text", "") for j in row_jobs]
+    decoded = np.array([parse_number(t) for t in texts], dtype=float)
+    truth = np.array([y_true[p.units[r.unit].target] for r in p.rows], dtype=float)
+    table = {
+        "cell": [r.cell for r in p.rows], "unit": [p.units[r.unit].label for r in p.rows],
+        "target_seed": [seeds[p.units[r.unit].target] for r in p.rows],
+        "source_seed": [seeds[r.source] if r.source >= 0 else -1 for r in p.rows], "draw": [r.draw for r in p.rows],
+        "logprob_diff": m.tolist(), "logit_diff": [j.out["logit_diff"] for j in row_jobs],
+        "decoded_text": texts, "decoded": decoded.tolist(), "abs_error": np.abs(decoded - truth).tolist(),
+        "normalized": norm.tolist(), "flagged": flagged.tolist(),
+    }
+    notes = []
+    if is_ablation and exp.method == "zero":
+        notes.append("Zero ablation sets activations to 0, a value the model never sees there: its effects are "
+                     "off-distribution; mean or resample ablation stay on the data's distribution.")
+    if is_ablation:
+        notes.append("Normalised effect of an ablation: m_ablated / m_clean (no corrupt run: m_corrupt = 0); "
+                     "1 = no effect, 0 = no preference left between the pair.")
+    else:
+        notes.append(f"{exp.direction.capitalize()}: normalised effect (m - m_corrupt) / (m_clean - m_corrupt); "
+                     + ("1 = the patch restores the clean answer's preference." if exp.direction == "denoising"
+                        else "0 = the patch destroys the clean answer's preference."))
+    if flagged.any():
+        notes.append(f"{int(flagged.sum())} rows have |m_clean - m_corrupt| below the threshold: their normalised "
+                     "effect is left out (NaN), never divided.")
+    if not decode:
+        notes.append("Decoding was skipped: decoded answers are empty.")
+    provenance = {
+        "model": fingerprint(model.info), "code_version": code_version(), "device": str(model.device),
+        "dtype": str(next(model.hf_model.parameters()).dtype).removeprefix("torch."),
+        "started": started, "finished": now(), "rows": len(p.rows), "jobs": len(jobs), "chunks": n_chunks,
+        "clean_forwards": round(p.clean_forwards, 3), "seconds_executor": round(time.perf_counter() - t0, 3),
+        "store": store.name, "torch": torch.__version__,
+    }
+    return Result(hash=content_hash(request), request=request, cells=p.cells, table=table, baselines=base,
+                  provenance=provenance, notes=notes)
