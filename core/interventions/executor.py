@@ -67,6 +67,7 @@ class Job:
     pos: int  # first position it can change
     patches: list[tuple[Site, np.ndarray, Tensor]] = field(default_factory=list)  # site, positions, values
     answers: tuple[list[int], list[int]] = ([], [])
+    decode: bool = True
     out: dict = field(default_factory=dict)
 
 
@@ -211,8 +212,8 @@ def _chunks(jobs: list[Job], n_layers: int, n_tokens: int, budget_tokens: int, m
 
 
 @torch.inference_mode()
-def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_tokens: int, max_new_tokens: int,
-              decode: bool = True) -> None:
+def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_tokens: int,
+              max_new_tokens: int) -> None:
     """Runs one chunk; fills each job's `out` with its metrics and decoded answer."""
     hf, layers = model.hf_model, _layers(model)
     n_layers = len(layers)
@@ -246,7 +247,7 @@ def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_to
     patcher.resid(n_layers, h)
     final = torch.log_softmax(hf.lm_head(hf.model.norm(h[:, -1])).float(), -1)  # [n, V]
     _score(model, jobs, cache, final, t)
-    if decode:
+    if any(j.decode for j in jobs):
         _decode(model, jobs, cache, final, t, max_new_tokens)
 
 
@@ -329,12 +330,13 @@ def _answers(store: RunStore, request: ExperimentRequest, p: Plan, tokenizer) ->
 
 
 def execute(model: LoadedModel, store: RunStore, request: ExperimentRequest,
-            progress: Callable[[float, str], None] | None = None, decode: bool = True) -> Result:
+            progress: Callable[[float, str], None] | None = None) -> Result:
     """Runs an experiment on a run store and returns its result (see `core.interventions.result`)."""
     started, t0 = now(), time.perf_counter()
     say = progress or (lambda f, s: None)
     p = plan(store, request, model.info)
     exp = request.experiment.root
+    decode = exp.decode
     spans = named.Spans(store)
     answers = _answers(store, request, p, model.tokenizer)
     n_layers = p.n_layers
@@ -384,7 +386,7 @@ def execute(model: LoadedModel, store: RunStore, request: ExperimentRequest,
         unit = p.units[r.unit]
         cell = p.cells[r.cell]
         layer, first = start(cell, spans, unit.target)
-        job = Job(unit.target, layer, first, answers=answers[r.unit])
+        job = Job(unit.target, layer, first, answers=answers[r.unit], decode=decode)
         pos = where(r.cell, unit.target)
         for site in cell.sites:
             if r.source >= 0:
@@ -409,7 +411,7 @@ def execute(model: LoadedModel, store: RunStore, request: ExperimentRequest,
     max_new = int(store.attrs["prompt"]["max_new_tokens"])
     for k, (t, chunk) in enumerate(chunks):
         say(k / len(chunks), f"chunk {k + 1}/{len(chunks)} ({len(chunk)} rows)")
-        run_chunk(model, chunk, clean, t, max_new, decode)
+        run_chunk(model, chunk, clean, t, max_new)
     say(1.0, "done")
     return _result(request, store, model, p, jobs, row_jobs, baseline, started, t0, len(chunks), decode)
 

@@ -86,6 +86,7 @@ class Ablation(_Strict):
     seeds: list[int] = Field(min_length=1)
     pair: tuple[str, str] = ("truth", "model")
     joint: bool = False
+    decode: bool = True  # greedy answers under each intervention (sequential steps: the slow part)
     n_resamples: int = Field(default=3, ge=1, le=32)
     resample_seed: int = 0
 
@@ -104,6 +105,7 @@ class Patching(_Strict):
     kind: Literal["patching"] = "patching"
     direction: Literal["denoising", "noising"] = "denoising"
     answers: Literal["model", "truth"] = "model"
+    decode: bool = True
     sites: list[SiteGrid] = Field(min_length=1)
     positions: list[str] = Field(min_length=1)
     pairs: list[tuple[int, int]] = Field(min_length=1)
