@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 
 from cache_builder.build import BuildSpec, build
@@ -167,3 +168,31 @@ def test_results_store_round_trip_and_no_half_result(store, cache, tiny, monkeyp
         archive.save(res2, cache)
     assert archive.load(cache, other.run, res2.hash) is None
     assert [p.name for p in archive.result_dir(cache, other.run, "x").parent.iterdir()] == [result.hash]
+
+
+def test_out_of_memory_retries_with_half_the_rows_then_fails_alone(store, tiny, monkeypatch):
+    from core.interventions import executor
+
+    exp = {"kind": "patching", "answers": "truth", "decode": False, "sites": [{"kind": "head", "heads": "all"}],
+           "positions": ["final"], "pairs": [[0, 1], [2, 3]]}
+    reference = execute(tiny, store, request(store, **exp))
+    real = executor.run_chunk
+    sizes = []
+
+    def limited(model, jobs, *args):  # a simulated allocation limit: at most 3 rows at once
+        sizes.append(len(jobs))
+        if len(jobs) > 3:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real(model, jobs, *args)
+
+    monkeypatch.setattr(executor, "run_chunk", limited)
+    halved = execute(tiny, store, request(store, **exp))
+    assert max(sizes) > 3 and any(n <= 3 for n in sizes)
+    np.testing.assert_allclose(halved.table["logprob_diff"], reference.table["logprob_diff"], atol=1e-5)
+
+    def always(model, jobs, *args):
+        raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+
+    monkeypatch.setattr(executor, "run_chunk", always)
+    with pytest.raises(torch.OutOfMemoryError):
+        execute(tiny, store, request(store, **{**exp, "pairs": [[1, 2]]}))

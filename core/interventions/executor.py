@@ -251,6 +251,33 @@ def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_to
         _decode(model, jobs, cache, final, t, max_new_tokens)
 
 
+def run_halving(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_tokens: int,
+                max_new_tokens: int) -> None:
+    """Runs a chunk; out of memory, runs its halves (down to one row, which then fails the job)."""
+    try:
+        run_chunk(model, jobs, clean, n_tokens, max_new_tokens)
+    except torch.OutOfMemoryError:
+        if len(jobs) == 1:
+            raise
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(jobs) // 2
+        for part in (jobs[:half], jobs[half:]):
+            run_halving(model, part, clean, n_tokens, max_new_tokens)
+
+
+def chunk_budget(model: LoadedModel, kv_row: int) -> tuple[int, int]:
+    """Returns (rows x positions, rows) a chunk may hold: fixed on the CPU, a share of the
+    free memory on a GPU (activations ~ (3 x MLP width + 8 x d_model) per position)."""
+    if model.device.type != "cuda":
+        return TOKENS["cpu"], max(1, min(MAX_ROWS, KV_BYTES // max(kv_row, 1)))
+    free, _ = torch.cuda.mem_get_info(model.device)
+    width = torch.finfo(next(model.hf_model.parameters()).dtype).bits // 8
+    per_position = (3 * int(model.hf_model.config.intermediate_size) + 8 * model.info["d_model"]) * width
+    tokens = max(1, int(0.3 * free // per_position))
+    return min(tokens, TOKENS["cuda"]), max(1, min(4 * MAX_ROWS, int(0.3 * free // max(kv_row, 1))))
+
+
 def _score(model: LoadedModel, jobs: list[Job], cache: DynamicCache, final: Float[Tensor, "n V"], t: int) -> None:
     """Teacher-forces both answers of every job from the patched cache (tree attention)."""
     tries = [build_trie(0, [list(a) for a in job.answers]) for job in jobs]
@@ -400,10 +427,9 @@ def execute(model: LoadedModel, store: RunStore, request: ExperimentRequest,
         row_jobs.append(job)
         jobs.append(job)
 
-    budget = TOKENS.get(model.device.type, TOKENS["cpu"])
     kv_row = 2 * n_layers * model.info["n_kv_heads"] * model.info["d_head"] * p.n_tokens * \
         torch.finfo(next(model.hf_model.parameters()).dtype).bits // 8
-    max_rows = max(1, min(MAX_ROWS, KV_BYTES // max(kv_row, 1)))
+    budget, max_rows = chunk_budget(model, kv_row)
     by_length: dict[int, list[Job]] = {}
     for job in jobs:
         by_length.setdefault(int(spans.n_tokens[job.prompt]), []).append(job)
@@ -411,7 +437,7 @@ def execute(model: LoadedModel, store: RunStore, request: ExperimentRequest,
     max_new = int(store.attrs["prompt"]["max_new_tokens"])
     for k, (t, chunk) in enumerate(chunks):
         say(k / len(chunks), f"chunk {k + 1}/{len(chunks)} ({len(chunk)} rows)")
-        run_chunk(model, chunk, clean, t, max_new)
+        run_halving(model, chunk, clean, t, max_new)
     say(1.0, "done")
     return _result(request, store, model, p, jobs, row_jobs, baseline, started, t0, len(chunks), decode)
 
