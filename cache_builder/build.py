@@ -53,6 +53,9 @@ class BuildSpec:
     device: str = "auto"
     dtype: str = "auto"
     shard: tuple[int, int] = (0, 1)
+    # Build at most this many more seeds in this session (whole batches, at least one),
+    # then return; the same spec without it resumes the rest.
+    max_seeds: int | None = None
 
     def name(self) -> str:
         model = self.model.rstrip("/").replace("/", "--")
@@ -60,7 +63,7 @@ class BuildSpec:
 
     def params(self) -> dict:
         d = asdict(self)
-        for key in ("batch_size", "device", "dtype", "shard"):
+        for key in ("batch_size", "device", "dtype", "shard", "max_seeds"):
             d.pop(key)
         return d
 
@@ -97,6 +100,8 @@ def _validate(spec: BuildSpec) -> None:
         raise BuildError("seeds must be distinct and non-negative")
     if spec.batch_size is not None and spec.batch_size < 1:
         raise BuildError("--batch-size must be at least 1")
+    if spec.max_seeds is not None and spec.max_seeds < 1:
+        raise BuildError("--max-seeds must be at least 1")
     i, n = spec.shard
     if not (n >= 1 and 0 <= i < n):
         raise BuildError(f"shard {i}/{n} is out of range: use I/N with 0 <= I < N")
@@ -149,6 +154,19 @@ def _batches(n: int, size: int) -> list[list[int]]:
     # A fixed partition of the seed list: a resumed or sharded build computes whole
     # batches with the same composition, so its numbers equal an uninterrupted build's.
     return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def _first_seeds(todo: list[list[int]], done: np.ndarray, max_seeds: int) -> list[list[int]]:
+    """Returns the first batches of `todo` holding at most `max_seeds` unfinished seeds
+    (at least the first batch: a build always makes progress)."""
+    out, n = [], 0
+    for batch in todo:
+        k = int((~done[batch]).sum())
+        if out and n + k > max_seeds:
+            break
+        out.append(batch)
+        n += k
+    return out
 
 
 @dataclass
@@ -275,6 +293,8 @@ def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "
 
     done = store.done()
     todo = [b for b in mine if not done[b].all()]
+    if spec.max_seeds is not None:
+        todo = _first_seeds(todo, done, spec.max_seeds)
     n_todo = int(sum((~done[b]).sum() for b in todo))
     regressors = [get_regressor(n) for n in spec.regressors]
     bar = tqdm(total=n_todo, desc=spec.name(), unit="seed", disable=not progress)

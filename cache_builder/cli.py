@@ -1,15 +1,23 @@
-"""`python -m cache_builder build | consolidate | leaderboard | export | info`: one-line errors, exit code 2."""
+"""`python -m cache_builder build | consolidate | leaderboard | export | info | serve | intervene`:
+one-line errors, exit code 2."""
 
 import argparse
 import errno
+import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
 import pandas as pd
+from pydantic import ValidationError
+from tqdm import tqdm
 
 from cache_builder.build import DEFAULT_CACHE, BuildError, BuildSpec, build, consolidate
 from core.candidates import TRUTH
+from core.interventions import archive
+from core.interventions.client import HttpBackend, ServerError, describe_validation_error
+from core.interventions.spec import ExperimentRequest, InterventionError, content_hash
 from core.leaderboard import REL_TOL, SUBSETS, store_leaderboard
 from core.logit_diff import load_candidates
 from core.models import ModelUnavailable
@@ -20,6 +28,8 @@ from core.store import MODEL_COLUMN, RunStore, StoreError, describe
 from core.tables import EXPORTS, View, subset_rows
 
 EXIT_BAD_INPUT = 2
+EXPERIMENT_TABLES = ("experiments", "experiment-summary", "experiment-rows")
+TOKEN_ENV = "WORKBENCH_TOKEN"
 
 
 class CliError(Exception):
@@ -86,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     b.add_argument("--shard", default="0/1", help="I/N: build every N-th batch from batch I "
                    "(N processes fill one store; the last to finish closes it)")
+    b.add_argument("--max-seeds", type=int, help="build at most K more seeds now (whole batches, at least one), "
+                   "then stop; the same command without it builds the rest")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     c = sub.add_parser("consolidate", help="close a sharded build once every shard is done")
     c.add_argument("run")
@@ -96,17 +108,41 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("--csv", action="store_true", help="print CSV (every estimator's row) instead of a table")
     ex = sub.add_parser("export", help="write one of the app's tables as CSV (README: 'Exporting')")
     ex.add_argument("run", help="store path or name under --cache")
-    ex.add_argument("table", help=", ".join(EXPORTS))
+    ex.add_argument("table", help=", ".join([*EXPORTS, *EXPERIMENT_TABLES]))
     ex.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ex.add_argument("--pair", default=f"{TRUTH},{MODEL_COLUMN}", help="A,B: candidates of the logit difference")
     ex.add_argument("--subset", default="all", help=", ".join(SUBSETS))
     ex.add_argument("--versus", help="the regressor of the model-better / model-worse subsets")
     ex.add_argument("--seed", type=int, help="the seed of the prompt, answers and attention tables")
     ex.add_argument("--layer", type=int, default=0, help="the layer of the attention table")
+    ex.add_argument("--experiment", help="HASH (or a unique prefix) of a finished experiment: the "
+                    "experiment-summary and experiment-rows tables")
     ex.add_argument("--out", help="CSV file (default: standard output)")
     info = sub.add_parser("info", help="describe a run store")
     info.add_argument("run")
     info.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    sv = sub.add_parser("serve", help="serve a model's live interventions over HTTP (one job at a time)")
+    sv.add_argument("--model", required=True, help="the model the run stores were built with")
+    sv.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="the run stores' directory")
+    sv.add_argument("--host", default="127.0.0.1", help="any address but a loopback one needs --token-file")
+    sv.add_argument("--port", type=int, default=8765)
+    sv.add_argument("--token-file", help="file holding the token clients send as 'Authorization: Bearer'")
+    sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sv.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    sv.add_argument("--max-units", type=int, default=64, help="most seeds or pairs per experiment")
+    sv.add_argument("--max-clean-forwards", type=float, default=20000,
+                    help="most clean-forward-pass equivalents per experiment")
+    sv.add_argument("--max-body-kb", type=int, default=256, help="largest request body")
+    iv = sub.add_parser("intervene", help="run an ablation or patching experiment on a run (README: "
+                        "'Live interventions')")
+    iv.add_argument("run", help="run store name under --cache")
+    iv.add_argument("spec", help="JSON file holding the experiment: {\"kind\": \"ablation\" | \"patching\", ...}")
+    iv.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    iv.add_argument("--server", help="URL of an intervention server (default: run here, loading the run's model)")
+    iv.add_argument("--token-file", help=f"the server's token (default: ${TOKEN_ENV})")
+    iv.add_argument("--device", default="auto", help="without --server: auto, cpu, cuda, cuda:N")
+    iv.add_argument("--dtype", default="auto", help="without --server: auto, float32, bfloat16, float16")
+    iv.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -118,14 +154,24 @@ def _run(argv: list[str]) -> int:
             seeds=parse_seeds(args.seeds), prompt_format=args.format,
             regressors=[r.strip() for r in args.regressors.split(",")] if args.regressors else default_suite(),
             batch_size=args.batch_size, device=args.device, dtype=args.dtype, shard=parse_shard(args.shard),
+            max_seeds=args.max_seeds,
         )
         command = "python -m cache_builder " + shlex.join(argv)
         path = build(spec, args.out, command=command, progress=not args.quiet)
+        if args.max_seeds is not None:
+            done = RunStore.open(path).done()
+            if not done.all():
+                print(f"{int(done.sum())}/{len(done)} seeds done; the same command without --max-seeds builds "
+                      "the rest", file=sys.stderr)
         print(path)
         return 0
     if args.command == "consolidate":
         print(describe(consolidate(resolve_run(args.run, args.cache))))
         return 0
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "intervene":
+        return intervene(args)
     store = RunStore.open(resolve_run(args.run, args.cache))
     if args.command == "export":
         table = export(store, args)
@@ -150,8 +196,10 @@ def _run(argv: list[str]) -> int:
 
 def export(store: RunStore, args: argparse.Namespace) -> pd.DataFrame:
     """Returns the table `args.table` of the app for the view the arguments describe."""
+    if args.table in EXPERIMENT_TABLES:
+        return export_experiments(store, args)
     if args.table not in EXPORTS:
-        raise CliError(f"unknown table {args.table!r}; use one of {', '.join(EXPORTS)}")
+        raise CliError(f"unknown table {args.table!r}; use one of {', '.join([*EXPORTS, *EXPERIMENT_TABLES])}")
     pair = args.pair.split(",")
     if len(pair) != 2:
         raise CliError(f"--pair {args.pair!r}: give two candidates as A,B")
@@ -165,12 +213,126 @@ def export(store: RunStore, args: argparse.Namespace) -> pd.DataFrame:
         raise CliError(str(exc).strip("'\"")) from None
 
 
+EXPERIMENT_COLUMNS = ["hash", "kind", "method", "cells", "units", "finished", "device"]
+
+
+def export_experiments(store: RunStore, args: argparse.Namespace) -> pd.DataFrame:
+    """Returns the run's finished experiments, or one experiment's summary or rows."""
+    cache = Path(str(store.path).rstrip("/")).parent  # results live beside the run stores
+    if args.table == "experiments":
+        return pd.DataFrame(archive.list_results(cache, store.name), columns=EXPERIMENT_COLUMNS)
+    if not args.experiment:
+        raise CliError(f"table {args.table} needs --experiment HASH (see: export {store.name} experiments)")
+    hashes = [r["hash"] for r in archive.list_results(cache, store.name) if r["hash"].startswith(args.experiment)]
+    if len(hashes) != 1:
+        raise CliError(f"{'no' if not hashes else 'more than one'} finished experiment of {store.name} "
+                       f"matches {args.experiment!r} (see: export {store.name} experiments)")
+    result = archive.load(cache, store.name, hashes[0])
+    return result.summary() if args.table == "experiment-summary" else result.frame()
+
+
+def _read_token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        try:
+            return Path(args.token_file).read_text().strip() or None
+        except OSError as exc:
+            raise CliError(f"cannot read token file {args.token_file}: {exc.strerror or exc}") from None
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def serve(args: argparse.Namespace) -> int:
+    from core.interventions.server import Limits, ServeError, serve as run_server
+
+    limits = Limits(max_body_bytes=args.max_body_kb * 1024, max_units=args.max_units,
+                    max_clean_forwards=args.max_clean_forwards)
+    try:
+        run_server(args.model, args.cache, args.host, args.port, args.token_file, args.device, args.dtype, limits)
+    except ServeError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def read_request(run: str, spec_file: str) -> ExperimentRequest:
+    """Returns the request for `run` and the experiment in `spec_file` (or a whole request
+    whose run is `run`)."""
+    try:
+        text = Path(spec_file).read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {spec_file}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{spec_file} is not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    if isinstance(data, dict) and "experiment" in data and "kind" not in data:
+        if data.get("run", run).removesuffix(".zarr") != run.removesuffix(".zarr"):
+            raise CliError(f"{spec_file} is a request for run {data['run']!r}, not {run!r}")
+        data = {**data, "run": run}
+    else:
+        data = {"run": run, "experiment": data}
+    return ExperimentRequest.model_validate(data)
+
+
+def _ci(mean: float, low: float, high: float) -> str:
+    return "nan" if pd.isna(mean) else f"{mean:.3g} [{low:.3g}, {high:.3g}]"
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    """Returns a result's summary as a short table: each cell's label, units, normalised
+    effect and log-probability difference with their 95% intervals, decoded answer."""
+    table = pd.DataFrame({
+        "cell": summary["label"], "n_units": summary["n_units"],
+        "normalized [95% CI]": [_ci(*r) for r in summary[["normalized", "normalized_low", "normalized_high"]]
+                                .itertuples(index=False)],
+        "logprob_diff [95% CI]": [_ci(*r) for r in summary[["logprob_diff", "logprob_diff_low",
+                                                             "logprob_diff_high"]].itertuples(index=False)],
+        "decoded": summary["decoded"].map(lambda v: f"{v:.4g}"),
+    })
+    if summary["flagged"].any():
+        table["flagged"] = summary["flagged"]
+    return table.to_string(index=False)
+
+
+def intervene(args: argparse.Namespace) -> int:
+    from core.interventions.backend import LocalBackend, open_run
+
+    run = args.run.removesuffix("/").removesuffix(".zarr")
+    request = read_request(run, args.spec)
+    if args.server:
+        backend = HttpBackend(args.server, _read_token(args), args.cache)
+    else:
+        model = None  # a result already in the results store needs no model
+        if archive.load(args.cache, run, content_hash(request)) is None:
+            from core.interventions.plan import plan
+            from core.models import load_model
+
+            store = open_run(args.cache, run)
+            plan(store, request, store.attrs["model"])  # a bad request fails before the model loads
+            model = load_model(store.attrs["model"]["spec"], args.device, args.dtype)
+        backend = LocalBackend(model, args.cache)
+    with tqdm(total=1000, desc=request.experiment.root.kind, disable=args.quiet, leave=False,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}") as bar:
+        def progress(fraction: float, stage: str) -> None:
+            bar.update(max(0, round(fraction * 1000) - bar.n))
+            bar.set_postfix_str(stage, refresh=True)
+
+        result = backend.run(request, progress)
+    print(format_summary(result.summary()))
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"result: {archive.result_dir(args.cache, run, result.hash)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         return _run(argv)
-    except (CliError, UnknownName, ModelUnavailable, PromptError, StoreError, BuildError) as exc:
+    except (CliError, UnknownName, ModelUnavailable, PromptError, StoreError, BuildError, InterventionError,
+            ServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValidationError as exc:
+        print(f"error: {describe_validation_error(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted: finished seeds are kept; run the same command to resume", file=sys.stderr)
