@@ -21,7 +21,8 @@ from cache_builder.build import BuildSpec, build
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = {"runs": "Runs", "prompt": "Prompt", "leaderboard": "Leaderboard", "logit-diff": "Logit difference by layer",
-         "attention": "Attention", "mlp": "MLP", "probes": "Probes"}
+         "attention": "Attention", "mlp": "MLP", "probes": "Probes",
+         "interventions": "Interventions"}
 START_TIMEOUT_S = 60
 RUN_TIMEOUT_S = 60
 SETTLE_S = 1.0
