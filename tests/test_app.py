@@ -13,8 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from cache_builder.build import BuildSpec, build
 from core.store import RunStore
-
-MAIN = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
+from support import MAIN, app_page
 REGS = ["mean", "last", "linear", "knn", "gd-k10"]
 
 
@@ -32,13 +31,7 @@ def store(cache):
 
 
 def page(cache, name: str, **params) -> AppTest:
-    os.environ["WORKBENCH_CACHE"] = str(cache)
-    at = AppTest.from_file(MAIN, default_timeout=120)
-    at.query_params.update(params)
-    at.run()
-    at.switch_page(f"views/{name}.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return app_page(name, {"WORKBENCH_CACHE": str(cache)}, **params)
 
 
 def metric(at: AppTest, label: str) -> str:

@@ -7,7 +7,6 @@ the result the server saved in the results store.
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,20 +20,14 @@ from streamlit.testing.v1 import AppTest
 
 from cache_builder.build import BuildSpec, build
 from core.interventions import archive
+from support import app_page, free_port, stop
 
 ROOT = Path(__file__).resolve().parents[1]
-MAIN = str(ROOT / "app" / "main.py")
 START_TIMEOUT_S = 90
 ABLATION = {"mode": "Ablate", "site": "resid_pre", "every_layer": "0", "layers": "0,1", "pos": "final",
             "method": "zero", "seeds": "0,1", "a": "truth", "b": "linear"}
 PATCHING = {"mode": "Patch", "site": "resid_pre", "every_layer": "1", "pos": "slot[3],final",
             "pairing": "consecutive", "npairs": "2"}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,7 +52,7 @@ def cache_and_server(tmp_path_factory):
     token_file = where / "token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    port = _free_port()
+    port = free_port()
     log_path = where / "server.log"
     log = open(log_path, "w+b")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -85,12 +78,7 @@ def cache_and_server(tmp_path_factory):
             time.sleep(0.25)
         yield cache, url, token
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
 
 
@@ -111,21 +99,12 @@ def run_name(cache):
 
 
 def page(cache, url: str, token: str | None, name: str = "interventions", **params) -> AppTest:
-    os.environ.update(WORKBENCH_CACHE=str(cache), WORKBENCH_SERVER=url)
-    if token is None:
-        os.environ.pop("WORKBENCH_TOKEN", None)
-    else:
-        os.environ["WORKBENCH_TOKEN"] = token
-    at = AppTest.from_file(MAIN, default_timeout=120)
-    at.query_params.update(params)
-    at.run()
-    at.switch_page(f"views/{name}.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return app_page(name, {"WORKBENCH_CACHE": str(cache), "WORKBENCH_SERVER": url, "WORKBENCH_TOKEN": token},
+                    **params)
 
 
 def closed_port_url() -> str:
-    return f"http://127.0.0.1:{_free_port()}"  # nothing listens there once the probe socket is closed
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there once the probe socket is closed
 
 
 def shown_summary(at: AppTest) -> pd.DataFrame:

@@ -7,7 +7,6 @@ SCREENSHOTS=<dir> saves a full-page screenshot of each page there.
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from cache_builder.build import BuildSpec, build
+from support import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = {"runs": "Runs", "prompt": "Prompt", "leaderboard": "Leaderboard", "logit-diff": "Logit difference by layer",
@@ -26,12 +26,6 @@ PAGES = {"runs": "Runs", "prompt": "Prompt", "leaderboard": "Leaderboard", "logi
 START_TIMEOUT_S = 60
 RUN_TIMEOUT_S = 60
 SETTLE_S = 1.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(url: str) -> bool:
@@ -59,7 +53,7 @@ def app(chromium, tmp_path_factory):
                      regressors=["mean", "last", "linear", "knn", "gd-k10"], batch_size=3)
     build(spec, cache, progress=False)
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "WORKBENCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     log_path = tmp_path_factory.mktemp("server") / "streamlit.log"
     log = open(log_path, "w+b")
@@ -84,12 +78,7 @@ def app(chromium, tmp_path_factory):
             time.sleep(0.25)
         yield base, spec.name()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
 
 

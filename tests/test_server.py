@@ -4,7 +4,6 @@ subprocess, as `python -m cache_builder serve` starts it; others in a thread).""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from core.interventions.result import METRICS
 from core.interventions.server import Limits, create_app, is_loopback
 from core.interventions.spec import ExperimentRequest, InterventionError, content_hash
 from core.store import RunStore
+from support import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
@@ -41,12 +41,6 @@ PATCHING = {"kind": "patching", "direction": "denoising", "sites": [{"kind": "he
 
 def request(experiment: dict, run: str = ALIGNED) -> ExperimentRequest:
     return ExperimentRequest.model_validate({"run": run, "experiment": experiment})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def linked_cache(tmp: Path, *runs: str, source: Path) -> Path:
@@ -107,8 +101,7 @@ def server(cache, token_file, request):
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop(proc, timeout=20)
 
 
 @contextmanager
