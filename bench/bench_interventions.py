@@ -95,12 +95,12 @@ def clean_forward_s(model, tokens: np.ndarray, repeat: int = 3) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
-def resid_grid(model, store: RunStore, sample: int) -> None:
+def resid_grid(model, store: RunStore, sample: int, decodes: tuple[bool, ...] = (False, True)) -> None:
     run = store.name.removesuffix(".zarr")
     seeds = [s for s, d in zip(store.seeds, store.done()) if d]
     clean, corrupt = seeds[0], seeds[1]
     print(f"\n== {run}: resid_pre grid, every layer x every stored position, pair {clean}->{corrupt}")
-    for decode in (False, True):
+    for decode in decodes:
         exp = {"kind": "patching", "direction": "denoising", "answers": "truth", "decode": decode,
                "sites": [{"kind": "resid_pre"}], "positions": ["stored"], "pairs": [[clean, corrupt]]}
         request = ExperimentRequest.model_validate({"run": run, "experiment": exp})
@@ -181,16 +181,18 @@ def main() -> None:
     ap.add_argument("--cache", default="cache")
     ap.add_argument("--sample", type=int, default=24, help="cells of the naive loop timed")
     ap.add_argument("--pairs", type=int, default=20)
+    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated demo runs")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     model = load_model("smollm2-135m")
-    for run in RUNS:
+    for run in args.runs.split(","):
         path = Path(args.cache) / f"{run}.zarr"
         if not path.exists():
             print(f"{path} is missing: build the demo stores first (make demo)")
             continue
         store = RunStore.open(path)
-        resid_grid(model, store, args.sample)
+        # friedman2's grid is ~800 cells of 1500-token prompts: timed without decoding only.
+        resid_grid(model, store, args.sample, (False, True) if run == RUNS[0] else (False,))
         if run == RUNS[0]:
             head_grid(model, store, args.pairs)
 

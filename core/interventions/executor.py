@@ -228,6 +228,7 @@ def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_to
             continue
         kv.append(tuple(torch.stack([clean[j.prompt].kv[i][w][:, :cut] for j in jobs]) for w in (0, 1)))
     cache = DynamicCache(ddp_cache_data=kv)
+    del kv  # the cache concatenates new positions into copies: the stacked prefix need not outlive it
     h = torch.stack([clean[j.prompt].resid[lc, pc - clean[j.prompt].p0:] for j in jobs]).clone()
     patcher = _Patcher(jobs, pc, dev, dtype)
     if lc < n_layers:
