@@ -196,3 +196,22 @@ def test_out_of_memory_retries_with_half_the_rows_then_fails_alone(store, tiny, 
     monkeypatch.setattr(executor, "run_chunk", always)
     with pytest.raises(torch.OutOfMemoryError):
         execute(tiny, store, request(store, **{**exp, "pairs": [[1, 2]]}))
+
+
+@pytest.mark.parametrize("exp", [
+    {"kind": "patching", "answers": "truth", "decode": True, "sites": [{"kind": "head", "layers": [1], "heads": "all"},
+                                                                      {"kind": "resid_pre", "layers": [1]}],
+     "positions": ["final", "y[2]"], "pairs": [[0, 1], [2, 3], [1, 4]]},
+    {"kind": "ablation", "method": "resample", "n_resamples": 2, "pair": ["truth", "linear"], "decode": False,
+     "sites": [{"kind": "mlp_out", "layers": [0]}], "positions": ["x[4][1]"], "seeds": [0, 1, 2]},
+])
+def test_units_in_groups_of_bounded_memory_give_the_same_result(store, tiny, monkeypatch, exp):
+    from core.interventions import executor
+
+    whole = execute(tiny, store, request(store, **exp))
+    monkeypatch.setattr(executor, "CLEAN_KV_BYTES", 1)  # one unit per group
+    grouped = execute(tiny, store, request(store, **exp))
+    for column in ("logprob_diff", "logit_diff", "normalized"):
+        np.testing.assert_allclose(grouped.table[column], whole.table[column], atol=1e-5, err_msg=column)
+    assert grouped.table["decoded_text"] == whole.table["decoded_text"]
+    assert grouped.baselines["m_clean"] == pytest.approx(whole.baselines["m_clean"], abs=1e-5)

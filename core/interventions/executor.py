@@ -42,7 +42,8 @@ from core.store import MODEL_COLUMN, RunStore, now
 WASTE = 1.25  # a chunk may recompute at most this much more than its rows need
 MAX_ROWS = 64
 TOKENS = {"cpu": 4096, "cuda": 65536}  # rows x recomputed positions per chunk
-KV_BYTES = 512 << 20  # the chunk's copy of the clean KV caches
+KV_BYTES = 384 << 20  # a chunk's copy of its rows' clean KV caches
+CLEAN_KV_BYTES = 256 << 20  # the clean KV caches held at once (units are run in groups)
 CLEAN_BATCH = {"cpu": 4, "cuda": 32}
 
 
@@ -336,7 +337,8 @@ def _decode(model: LoadedModel, jobs: list[Job], cache: DynamicCache, final: Ten
         out = model.hf_model(input_ids=nxt[:, None], position_ids=pos, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1)
     for job, g in zip(jobs, generated):
-        job.out["decoded_text"] = tok.decode(g, skip_special_tokens=True)
+        if job.decode:  # a row that skips decoding reads the same whatever chunk it shared
+            job.out["decoded_text"] = tok.decode(g, skip_special_tokens=True)
 
 
 def _answers(store: RunStore, request: ExperimentRequest, p: Plan, tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -380,28 +382,20 @@ def execute(model: LoadedModel, store: RunStore, request: ExperimentRequest,
     at = np.unique(np.concatenate([where(c, u.target) for c in range(len(p.cells)) for u in p.units]))
     kinds = {s.kind for cell in p.cells for s in cell.sites}
 
-    # Clean runs: prompts (KV + residual), sources (values), the mean's seeds (values).
-    starts = {}
+    # Where each prompt's rows start: its clean residual stream is kept from there on.
+    starts: dict[int, int] = {}
     for r in p.rows:
         target = p.units[r.unit].target
         starts[target] = min(starts.get(target, p.n_tokens), start(p.cells[r.cell], spans, target)[1])
-    prompts = {q for u in p.units for q in u.prompts}
-    keep = {q: min(starts.get(q, p.n_tokens - 1), int(spans.n_tokens[q]) - 1) for q in prompts}
-    sources = {r.source for r in p.rows if r.source >= 0} - prompts
-    mean_rows = (np.nonzero(store.done())[0].tolist()
-                 if isinstance(exp, Ablation) and exp.method == "mean" else [])
-    needed = sorted(prompts) + sorted(sources) + [m for m in mean_rows if m not in prompts and m not in sources]
-    say(0.0, f"clean runs of {len(needed)} prompts")
-    runs = clean_runs(model, [store.tokens(q) for q in needed], [keep.get(q) for q in needed], at, kinds)
-    clean = dict(zip(needed, runs))
     mean = None
-    if mean_rows:
-        mean = Clean(None, None, 0, {k: torch.stack([clean[m].vals[k] for m in mean_rows]).float().mean(0)
-                                     for k in kinds}, at)
-        for q in set(mean_rows) - prompts - sources:
-            del clean[q]  # only the mean is needed of them
+    if isinstance(exp, Ablation) and exp.method == "mean":
+        seeds = np.nonzero(store.done())[0].tolist()
+        say(0.0, f"clean runs of the {len(seeds)} seeds the mean is taken over")
+        runs = clean_runs(model, [store.tokens(q) for q in seeds], [None] * len(seeds), at, kinds)
+        mean = Clean(None, None, 0, {k: torch.stack([r.vals[k] for r in runs]).float().mean(0) for k in kinds}, at)
+        del runs
 
-    # Jobs: the baselines of every prompt, then every row.
+    # Jobs: the baselines of every prompt, then every row (their values are set group by group).
     jobs: list[Job] = []
     baseline: dict[tuple[int, int], Job] = {}
     for u, unit in enumerate(p.units):
@@ -409,38 +403,52 @@ def execute(model: LoadedModel, store: RunStore, request: ExperimentRequest,
             job = Job(q, n_layers, int(spans.n_tokens[q]) - 1, answers=answers[u])
             baseline[u, q] = job
             jobs.append(job)
-    row_jobs = []
-    for r in p.rows:
-        unit = p.units[r.unit]
-        cell = p.cells[r.cell]
-        layer, first = start(cell, spans, unit.target)
-        job = Job(unit.target, layer, first, answers=answers[r.unit], decode=decode)
-        pos = where(r.cell, unit.target)
-        for site in cell.sites:
-            if r.source >= 0:
-                value = _value(clean[r.source], site, pos)
-            elif mean is not None:
-                value = _value(mean, site, pos)
-            else:
-                width = model.info["d_head"] if site.kind == "head" else model.info["d_model"]
-                value = torch.zeros((len(pos), width), device=model.device)
-            job.patches.append((site, pos, value))
-        row_jobs.append(job)
-        jobs.append(job)
+    row_jobs = [Job(p.units[r.unit].target, *start(p.cells[r.cell], spans, p.units[r.unit].target),
+                    answers=answers[r.unit], decode=decode) for r in p.rows]
+    jobs += row_jobs
 
+    # Units in groups whose prompts' clean KV caches fit CLEAN_KV_BYTES: a group's clean
+    # runs are made, its chunks run, then they are freed (memory stays bounded for many pairs).
     kv_row = 2 * n_layers * model.info["n_kv_heads"] * model.info["d_head"] * p.n_tokens * \
         torch.finfo(next(model.hf_model.parameters()).dtype).bits // 8
     budget, max_rows = chunk_budget(model, kv_row)
-    by_length: dict[int, list[Job]] = {}
-    for job in jobs:
-        by_length.setdefault(int(spans.n_tokens[job.prompt]), []).append(job)
-    chunks = [(t, c) for t, group in by_length.items() for c in _chunks(group, n_layers, t, budget, max_rows)]
+    per_group = max(1, CLEAN_KV_BYTES // (kv_row * len(p.units[0].prompts)))
+    groups = [range(g, min(g + per_group, len(p.units))) for g in range(0, len(p.units), per_group)]
     max_new = int(store.attrs["prompt"]["max_new_tokens"])
-    for k, (t, chunk) in enumerate(chunks):
-        say(k / len(chunks), f"chunk {k + 1}/{len(chunks)} ({len(chunk)} rows)")
-        run_halving(model, chunk, clean, t, max_new)
+    n_chunks = 0
+    for g, units in enumerate(groups):
+        mine = [i for i, r in enumerate(p.rows) if r.unit in units]
+        prompts = sorted({q for u in units for q in p.units[u].prompts})
+        sources = sorted({p.rows[i].source for i in mine if p.rows[i].source >= 0} - set(prompts))
+        needed = prompts + sources
+        keep = [min(starts.get(q, p.n_tokens - 1), int(spans.n_tokens[q]) - 1) if q in prompts else None
+                for q in needed]
+        say(g / len(groups), f"clean runs of {len(needed)} prompts")
+        clean = dict(zip(needed, clean_runs(model, [store.tokens(q) for q in needed], keep, at, kinds)))
+        for i in mine:
+            r, job = p.rows[i], row_jobs[i]
+            pos = where(r.cell, job.prompt)
+            for site in p.cells[r.cell].sites:
+                if r.source >= 0:
+                    value = _value(clean[r.source], site, pos)
+                elif mean is not None:
+                    value = _value(mean, site, pos)
+                else:
+                    width = model.info["d_head"] if site.kind == "head" else model.info["d_model"]
+                    value = torch.zeros((len(pos), width), device=model.device)
+                job.patches.append((site, pos, value))
+        by_length: dict[int, list[Job]] = {}
+        for job in [baseline[u, q] for u in units for q in p.units[u].prompts] + [row_jobs[i] for i in mine]:
+            by_length.setdefault(int(spans.n_tokens[job.prompt]), []).append(job)
+        chunks = [(t, c) for t, part in by_length.items() for c in _chunks(part, n_layers, t, budget, max_rows)]
+        for k, (t, chunk) in enumerate(chunks):
+            say((g + k / len(chunks)) / len(groups), f"group {g + 1}/{len(groups)}: chunk {k + 1}/{len(chunks)} "
+                f"({len(chunk)} rows)")
+            run_halving(model, chunk, clean, t, max_new)
+        n_chunks += len(chunks)
+        del clean
     say(1.0, "done")
-    return _result(request, store, model, p, jobs, row_jobs, baseline, started, t0, len(chunks), decode)
+    return _result(request, store, model, p, jobs, row_jobs, baseline, started, t0, n_chunks, decode)
 
 
 def _result(request, store, model, p: Plan, jobs, row_jobs, baseline, started, t0, n_chunks, decode) -> Result:
