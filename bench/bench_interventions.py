@@ -95,14 +95,19 @@ def clean_forward_s(model, tokens: np.ndarray, repeat: int = 3) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
-def resid_grid(model, store: RunStore, sample: int, decodes: tuple[bool, ...] = (False, True)) -> None:
+def resid_grid(model, store: RunStore, sample: int, decodes: tuple[bool, ...] = (False, True),
+               layer_step: int = 1) -> None:
     run = store.name.removesuffix(".zarr")
     seeds = [s for s, d in zip(store.seeds, store.done()) if d]
     clean, corrupt = seeds[0], seeds[1]
-    print(f"\n== {run}: resid_pre grid, every layer x every stored position, pair {clean}->{corrupt}")
+    n_layers = model.info["n_layers"]
+    layers = "all" if layer_step == 1 else list(range(0, n_layers + 1, layer_step))
+    which = "every layer" if layer_step == 1 else f"every {layer_step}th layer"
+    print(f"\n== {run}: resid_pre grid, {which} x every stored position, pair {clean}->{corrupt}")
     for decode in decodes:
         exp = {"kind": "patching", "direction": "denoising", "answers": "truth", "decode": decode,
-               "sites": [{"kind": "resid_pre"}], "positions": ["stored"], "pairs": [[clean, corrupt]]}
+               "sites": [{"kind": "resid_pre", "layers": layers}], "positions": ["stored"],
+               "pairs": [[clean, corrupt]]}
         request = ExperimentRequest.model_validate({"run": run, "experiment": exp})
         p = plan(store, request, model.info)
         t0 = time.perf_counter()
@@ -122,7 +127,6 @@ def resid_grid(model, store: RunStore, sample: int, decodes: tuple[bool, ...] = 
     src_ids = torch.as_tensor(store.tokens(row_c), dtype=torch.long)[None]
     with torch.inference_mode():
         hidden = model.hf_model(input_ids=src_ids, output_hidden_states=True).hidden_states  # [L+1] x [1, T, d]
-    n_layers = model.info["n_layers"]
     # hidden_states[L] is after the final norm in HF; the residual after the last layer is taken by hook instead.
     last = {}
     handle = model.hf_model.model.norm.register_forward_pre_hook(lambda m, args: last.setdefault("h", args[0]))
@@ -153,7 +157,7 @@ def resid_grid(model, store: RunStore, sample: int, decodes: tuple[bool, ...] = 
           f"executor / that = {batched / (can_change * one):.2f}")
 
 
-def head_grid(model, store: RunStore, n_pairs: int) -> None:
+def head_grid(model, store: RunStore, n_pairs: int, decodes: tuple[bool, ...] = (False, True)) -> None:
     run = store.name.removesuffix(".zarr")
     seeds = [s for s, d in zip(store.seeds, store.done()) if d]
     pairs = [[seeds[2 * i], seeds[2 * i + 1]] for i in range(min(n_pairs, len(seeds) // 2))]
@@ -161,7 +165,7 @@ def head_grid(model, store: RunStore, n_pairs: int) -> None:
            "positions": ["final"], "pairs": pairs}
     print(f"\n== {run}: head grid (all layers x heads, final position), {len(pairs)} pairs")
     base = rss_mb()
-    for decode in (False, True):
+    for decode in decodes:
         request = ExperimentRequest.model_validate({"run": run, "experiment": {**exp, "decode": decode}})
         with PeakRss() as peak:
             t0 = time.perf_counter()
@@ -182,7 +186,12 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=24, help="cells of the naive loop timed")
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated demo runs")
+    ap.add_argument("--friedman-layer-step", type=int, default=1,
+                    help="friedman2's grid over every k-th layer (its full grid takes ~20 min on 2 cores)")
+    ap.add_argument("--parts", default="resid,heads", help="resid (the resid_pre grids), heads (the head grid)")
+    ap.add_argument("--head-decode", default="0,1", help="the head grid without (0) and with (1) decoding")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     torch.set_grad_enabled(False)
     model = load_model("smollm2-135m")
     for run in args.runs.split(","):
@@ -192,9 +201,13 @@ def main() -> None:
             continue
         store = RunStore.open(path)
         # friedman2's grid is ~800 cells of 1500-token prompts: timed without decoding only.
-        resid_grid(model, store, args.sample, (False, True) if run == RUNS[0] else (False,))
-        if run == RUNS[0]:
-            head_grid(model, store, args.pairs)
+        if "resid" in parts:
+            if run == RUNS[0]:
+                resid_grid(model, store, args.sample)
+            else:
+                resid_grid(model, store, args.sample, (False,), args.friedman_layer_step)
+        if run == RUNS[0] and "heads" in parts:
+            head_grid(model, store, args.pairs, tuple(bool(int(d)) for d in args.head_decode.split(",")))
 
 
 if __name__ == "__main__":
