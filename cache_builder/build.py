@@ -407,8 +407,8 @@ def auto_batch_size(model: LoadedModel, n_tokens: int, n_positions: int) -> int:
     if model.device.type != "cuda":
         return CPU_BATCH
     cfg, info = model.hf_model.config, model.info
-    width = torch.finfo(next(model.hf_model.parameters()).dtype).bits // 8
-    kv = 2 * info["n_layers"] * info["n_kv_heads"] * info["d_head"] * width
+    width = model.dtype_bytes
+    kv = model.kv_bytes_per_token
     temps = (3 * int(cfg.intermediate_size) + 6 * info["d_model"]) * width
     rows = info["n_layers"] * info["n_heads"] * n_positions * 4
     per_seq = n_tokens * (kv + temps + rows)

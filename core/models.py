@@ -56,6 +56,16 @@ class LoadedModel:
     _bridge: Any = None
 
     @property
+    def dtype_bytes(self) -> int:
+        """Bytes per number of the model's weights and activations."""
+        return torch.finfo(next(self.hf_model.parameters()).dtype).bits // 8
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes the KV cache holds per token of one sequence (every layer's keys and values)."""
+        return 2 * self.info["n_layers"] * self.info["n_kv_heads"] * self.info["d_head"] * self.dtype_bytes
+
+    @property
     def bridge(self) -> Any:
         """Returns the TransformerLens `TransformerBridge` over `hf_model` (booted once)."""
         if self._bridge is None:

@@ -29,10 +29,9 @@ from transformers import DynamicCache
 
 from core.candidates import TRUTH, build_trie, candidate_texts
 from core.generation import answer_complete
-from core.interventions import positions as named
 from core.interventions.backend import fingerprint
 from core.interventions.metrics import normalized_effect
-from core.interventions.plan import Plan, plan, start
+from core.interventions.plan import Plan, plan
 from core.interventions.result import Result
 from core.interventions.spec import Ablation, ExperimentRequest, Site, code_version, content_hash
 from core.models import LoadedModel
@@ -115,7 +114,7 @@ def _clean_batch(model, layers, ids, p0, at, kinds, n_layers, n_heads, d_head) -
 
     def keep_resid(i: int, h: Tensor) -> None:
         if p0 is not None:
-            resid[i] = h[:, p0:]
+            resid[i] = h[:, p0:].clone()  # a view would keep the layer's whole [b, T, d] input alive
         if "resid_pre" in kinds:
             vals["resid_pre"][i] = h[:, at_t]
 
@@ -274,8 +273,7 @@ def chunk_budget(model: LoadedModel, kv_row: int) -> tuple[int, int]:
     if model.device.type != "cuda":
         return TOKENS["cpu"], max(1, min(MAX_ROWS, KV_BYTES // max(kv_row, 1)))
     free, _ = torch.cuda.mem_get_info(model.device)
-    width = torch.finfo(next(model.hf_model.parameters()).dtype).bits // 8
-    per_position = (3 * int(model.hf_model.config.intermediate_size) + 8 * model.info["d_model"]) * width
+    per_position = (3 * int(model.hf_model.config.intermediate_size) + 8 * model.info["d_model"]) * model.dtype_bytes
     tokens = max(1, int(0.3 * free // per_position))
     return min(tokens, TOKENS["cuda"]), max(1, min(4 * MAX_ROWS, int(0.3 * free // max(kv_row, 1))))
 
@@ -367,7 +365,7 @@ def execute(model: LoadedModel, store: RunStore, request: ExperimentRequest,
     p = plan(store, request, model.info)
     exp = request.experiment.root
     decode = exp.decode
-    spans = named.Spans(store)
+    spans = p.spans
     answers = _answers(store, request, p, model.tokenizer)
     n_layers = p.n_layers
 
@@ -386,7 +384,7 @@ def execute(model: LoadedModel, store: RunStore, request: ExperimentRequest,
     starts: dict[int, int] = {}
     for r in p.rows:
         target = p.units[r.unit].target
-        starts[target] = min(starts.get(target, p.n_tokens), start(p.cells[r.cell], spans, target)[1])
+        starts[target] = min(starts.get(target, p.n_tokens), p.start(r)[1])
     mean = None
     if isinstance(exp, Ablation) and exp.method == "mean":
         seeds = np.nonzero(store.done())[0].tolist()
@@ -403,14 +401,12 @@ def execute(model: LoadedModel, store: RunStore, request: ExperimentRequest,
             job = Job(q, n_layers, int(spans.n_tokens[q]) - 1, answers=answers[u])
             baseline[u, q] = job
             jobs.append(job)
-    row_jobs = [Job(p.units[r.unit].target, *start(p.cells[r.cell], spans, p.units[r.unit].target),
-                    answers=answers[r.unit], decode=decode) for r in p.rows]
+    row_jobs = [Job(p.units[r.unit].target, *p.start(r), answers=answers[r.unit], decode=decode) for r in p.rows]
     jobs += row_jobs
 
     # Units in groups whose prompts' clean KV caches fit CLEAN_KV_BYTES: a group's clean
     # runs are made, its chunks run, then they are freed (memory stays bounded for many pairs).
-    kv_row = 2 * n_layers * model.info["n_kv_heads"] * model.info["d_head"] * p.n_tokens * \
-        torch.finfo(next(model.hf_model.parameters()).dtype).bits // 8
+    kv_row = model.kv_bytes_per_token * p.n_tokens
     budget, max_rows = chunk_budget(model, kv_row)
     per_group = max(1, CLEAN_KV_BYTES // (kv_row * len(p.units[0].prompts)))
     groups = [range(g, min(g + per_group, len(p.units))) for g in range(0, len(p.units), per_group)]

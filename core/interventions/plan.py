@@ -49,6 +49,12 @@ class Plan:
     clean_forwards: float  # the rows' cost in clean forward passes of one prompt
     n_tokens: int
     n_layers: int
+    spans: named.Spans
+    starts: dict[tuple[int, int], tuple[int, int]]  # (cell, prompt row) -> `start` of the cell there
+
+    def start(self, row: Row) -> tuple[int, int]:
+        """Returns (layer, position) from which `row` can change anything."""
+        return self.starts[row.cell, self.units[row.unit].target]
 
     @property
     def n_rows(self) -> int:
@@ -159,4 +165,4 @@ def plan(store: RunStore, request: ExperimentRequest, model_info: dict) -> Plan:
     clean_seeds = {p for u in units for p in u.prompts} | {r.source for r in rows if r.source >= 0}
     if isinstance(exp, Ablation) and exp.method == "mean":
         clean_seeds |= set(np.nonzero(done)[0].tolist())
-    return Plan(cells, units, rows, cost + len(clean_seeds), n_tokens, n_layers)
+    return Plan(cells, units, rows, cost + len(clean_seeds), n_tokens, n_layers, spans, starts)

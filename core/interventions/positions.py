@@ -68,8 +68,3 @@ class Spans:
             return np.array([int(self.slots[row, int(slot)])])
         start, stop = self.y[row, int(y)] if y is not None else self.x[row, int(xk), int(xj)]
         return np.arange(int(start), int(stop))
-
-
-def resolve(store: RunStore, row: int, name: str) -> Int[np.ndarray, " p"]:
-    """Returns the token positions `name` covers in the prompt of store row `row`."""
-    return Spans(store).resolve(row, name)

@@ -16,7 +16,6 @@ Metrics of a row (`Result.table` columns):
 
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
@@ -74,7 +73,3 @@ class Result(BaseModel):
 
     def baseline_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.baselines)
-
-
-def empty_metrics(n: int) -> dict[str, np.ndarray]:
-    return {m: np.full(n, np.nan) for m in METRICS}
