@@ -8,6 +8,7 @@ batches of one store; the last to finish, or `consolidate`, closes it).
 import os
 import socket
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 import zarr
 from tqdm import tqdm
 
+from cache_builder.host import Copier, HostActs, default_workers, regressor_pool, writer_pool
 from core import store as run_store
 from core.capture import ACT_NAMES, Captured, Recorder
 from core.datasets import DATASETS
@@ -25,7 +27,7 @@ from core.generation import Decoded, Timing, greedy_answers
 from core.memory import pin_mmap_threshold
 from core.models import LoadedModel, check_spec, context_length, load_model, load_tokenizer, number_tokens
 from core.prompts import TEMPLATE, Prompt, build_prompts, choose_format, parse_number, tokenize_prompt
-from core.regressors import default_suite, get_regressor, predict_all
+from core.regressors import default_suite, get_regressor, predict_named
 from core.store import FLOAT16_LIMIT, MODEL_COLUMN, ActsLayout, Layout, RunStore, StoreError, location
 from core.summary import seed_summary
 
@@ -56,6 +58,10 @@ class BuildSpec:
     # Build at most this many more seeds in this session (whole batches, at least one),
     # then return; the same spec without it resumes the rest.
     max_seeds: int | None = None
+    # Host workers (cache_builder.host): regressor processes and store-writer threads;
+    # None: sized to the device, 0: inline (the serial build).
+    regressor_workers: int | None = None
+    write_workers: int | None = None
 
     def name(self) -> str:
         model = self.model.rstrip("/").replace("/", "--")
@@ -63,7 +69,7 @@ class BuildSpec:
 
     def params(self) -> dict:
         d = asdict(self)
-        for key in ("batch_size", "device", "dtype", "shard", "max_seeds"):
+        for key in ("batch_size", "device", "dtype", "shard", "max_seeds", "regressor_workers", "write_workers"):
             d.pop(key)
         return d
 
@@ -102,6 +108,9 @@ def _validate(spec: BuildSpec) -> None:
         raise BuildError("--batch-size must be at least 1")
     if spec.max_seeds is not None and spec.max_seeds < 1:
         raise BuildError("--max-seeds must be at least 1")
+    for flag, value in (("--regressor-workers", spec.regressor_workers), ("--write-workers", spec.write_workers)):
+        if value is not None and value < 0:
+            raise BuildError(f"{flag} must be 0 (inline) or more")
     i, n = spec.shard
     if not (n >= 1 and 0 <= i < n):
         raise BuildError(f"shard {i}/{n} is out of range: use I/N with 0 <= I < N")
@@ -241,16 +250,31 @@ def _dtypes(peaks: dict[str, float]) -> dict[str, str]:
     return {name: "float16" if peak < FLOAT16_LIMIT else "float32" for name, peak in peaks.items()}
 
 
-def _seed_acts(c: Captured, j: int, pad: int, n_tokens: int, dtypes: dict[str, str]) -> dict[str, np.ndarray]:
-    """Returns row j's activations on the host in the store's dtypes; attention rows over
-    the seed's own tokens (the batch's left padding cut off, the run's length filled with 0)."""
-    out = {name: getattr(c, name)[j].to(getattr(torch, dtypes[name])).cpu().numpy()
-           for name in ("resid", "attn_out", "mlp_out", "head_out")}
-    rows = c.attn_rows[j, ..., pad:]
-    full = np.zeros((*rows.shape[:-1], n_tokens), dtype=dtypes["attn_rows"])
-    full[..., : rows.shape[-1]] = rows.to(getattr(torch, dtypes["attn_rows"])).cpu().numpy()
+def _seed_acts(host: dict[str, np.ndarray], j: int, pad: int, n_tokens: int) -> dict[str, np.ndarray]:
+    """Returns row j's activations; attention rows over the seed's own tokens (the batch's
+    left padding cut off, the run's length filled with 0)."""
+    out = {name: host[name][j] for name in ("resid", "attn_out", "mlp_out", "head_out")}
+    rows = host["attn_rows"][j, ..., pad:]
+    full = np.zeros((*rows.shape[:-1], n_tokens), dtype=rows.dtype)
+    full[..., : rows.shape[-1]] = rows
     out["attn_rows"] = full
     return out
+
+
+def _write_seed(store: RunStore, i: int, preds: np.ndarray, text: str, cands: SeedCandidates, host: HostActs,
+                j: int, pad: int, n_tokens: int, prompt: Prompt, bar: tqdm) -> None:
+    """Summarises and writes seed row `i` (row j of its batch); a writer thread's task."""
+    acts = _seed_acts(host.numpy(), j, pad, n_tokens)
+    store.write_seed(i, preds, text, acts, cands, seed_summary(acts, prompt))
+    bar.update(1)
+
+
+def _drain(pending: list[Future]) -> float:
+    """Waits for `pending` (raising the first failure); returns the seconds waited."""
+    t0 = time.perf_counter()
+    for f in pending:
+        f.result()
+    return time.perf_counter() - t0
 
 
 def _unembed(store: RunStore, model: LoadedModel) -> None:
@@ -296,29 +320,59 @@ def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "
     if spec.max_seeds is not None:
         todo = _first_seeds(todo, done, spec.max_seeds)
     n_todo = int(sum((~done[b]).sum() for b in todo))
-    regressors = [get_regressor(n) for n in spec.regressors]
+    auto = default_workers(model.device)
+    n_procs = auto[0] if spec.regressor_workers is None else spec.regressor_workers
+    n_threads = auto[1] if spec.write_workers is None else spec.write_workers
     bar = tqdm(total=n_todo, desc=spec.name(), unit="seed", disable=not progress)
-    for batch in todo:
-        decoded, captured, pads = first if first is not None and batch == mine[0] else run_batch(batch)
-        first = None
-        _check_range(store, _peaks(captured))
-        dtypes = {name: str(store.root[f"acts/{name}"].dtype) for name in ACT_NAMES}
-        t0 = time.perf_counter()
-        preds = [np.concatenate([[parse_number(text)], predict_all(regressors, s.x_train, s.y_train, s.x_query, s.seed)])
-                 for text, s in zip(decoded.texts, (prep.samples[i] for i in batch))]
-        t1 = time.perf_counter()
-        cands = run_batch.candidates(batch, decoded, preds)
-        t2 = time.perf_counter()
-        regressor_s, candidates_s = regressor_s + t1 - t0, candidates_s + t2 - t1
-        for j, i in enumerate(batch):
-            if done[i]:
-                continue
-            acts = _seed_acts(captured, j, pads[j], prep.n_tokens, dtypes)
-            store.write_seed(i, preds[j], decoded.texts[j], acts, cands[j], seed_summary(acts, prep.prompts[i]))
-            bar.update(1)
-        write_s += time.perf_counter() - t2
-        del captured, decoded
+    t_start = time.perf_counter()
+    procs, writers = regressor_pool(n_procs), writer_pool(n_threads)
+    try:
+        # Worker processes get every batch's samples at once: the regressors need no model.
+        # Inline, each batch's regressors run when the batch needs them, as the serial build did.
+        regressed: dict[int, Future] = {}
+
+        def feed(batches: list[list[int]]) -> None:
+            for i in (i for b in batches for i in b if i not in regressed):
+                s = prep.samples[i]
+                regressed[i] = procs.submit(predict_named, spec.regressors, s.x_train, s.y_train, s.x_query, s.seed)
+
+        if n_procs:
+            feed(todo)
+        pending: list[Future] = []
+        copier = Copier()
+        for batch in todo:
+            decoded, captured, pads = first if first is not None and batch == mine[0] else run_batch(batch)
+            first = None
+            peaks = _peaks(captured)
+            if _overflows(store, peaks):
+                write_s += _drain(pending)  # no write may land in an array being rewritten
+                _check_range(store, peaks)
+            t0 = time.perf_counter()
+            dtypes = {name: str(store.root[f"acts/{name}"].dtype) for name in ACT_NAMES}
+            feed([batch])
+            preds = [np.concatenate([[parse_number(text)], regressed.pop(i).result()])
+                     for text, i in zip(decoded.texts, batch)]
+            t1 = time.perf_counter()
+            cands = run_batch.candidates(batch, decoded, preds)
+            t2 = time.perf_counter()
+            regressor_s, candidates_s = regressor_s + t1 - t0, candidates_s + t2 - t1
+            # The previous batch's writes ran beside this batch's passes; a failed one stops
+            # the build before more are queued, and the copier's buffers are free again.
+            _drain(pending)
+            host = copier(captured, dtypes)
+            del captured
+            pending = [writers.submit(_write_seed, store, i, preds[j], decoded.texts[j], cands[j], host, j,
+                                      pads[j], prep.n_tokens, prep.prompts[i], bar)
+                       for j, i in enumerate(batch) if not done[i]]
+            del decoded
+            write_s += time.perf_counter() - t2
+        write_s += _drain(pending)
+    finally:
+        # Queued regressors are dropped; the writes in flight finish (they are finished seeds).
+        procs.shutdown(wait=False, cancel_futures=True)
+        writers.shutdown(wait=True)
     bar.close()
+    wall_s = time.perf_counter() - t_start
 
     session = {
         "started": started, "finished": run_store.now(), "seeds_built": n_todo,
@@ -326,6 +380,7 @@ def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "
         "command": command, "batch_size": batch_size,
         "prefill_s": round(timing.prefill_s, 3), "decode_s": round(timing.decode_s, 3),
         "regressors_s": round(regressor_s, 3), "candidates_s": round(candidates_s, 3), "write_s": round(write_s, 3),
+        "wall_s": round(wall_s, 3), "regressor_workers": n_procs, "write_workers": n_threads,
         "prefill_tokens": timing.prefill_tokens,
     }
     store.root.require_group("sessions").create_group(
@@ -367,10 +422,15 @@ def _create(path: str, spec: BuildSpec, prep: Prepared, model: LoadedModel, dtyp
     return store
 
 
+def _overflows(store: RunStore, peaks: dict[str, float]) -> list[str]:
+    """Returns the float16 arrays that this batch's peaks overflow."""
+    return [name for name, peak in peaks.items()
+            if store.root[f"acts/{name}"].dtype == np.float16 and not peak < float(np.finfo(np.float16).max)]
+
+
 def _check_range(store: RunStore, peaks: dict[str, float]) -> None:
-    for name, peak in peaks.items():
-        if store.root[f"acts/{name}"].dtype == np.float16 and not peak < float(np.finfo(np.float16).max):
-            store.promote_to_float32(name, f"a value of magnitude {peak:.4g} overflows float16")
+    for name in _overflows(store, peaks):
+        store.promote_to_float32(name, f"a value of magnitude {peaks[name]:.4g} overflows float16")
 
 
 def _finish(store: RunStore) -> None:

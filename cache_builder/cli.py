@@ -100,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(N processes fill one store; the last to finish closes it)")
     b.add_argument("--max-seeds", type=int, help="build at most K more seeds now (whole batches, at least one), "
                    "then stop; the same command without it builds the rest")
+    b.add_argument("--regressor-workers", type=int, help="regressor processes beside the model (0: inline; "
+                   "default: every core but one on a GPU host, inline on the CPU)")
+    b.add_argument("--write-workers", type=int, help="threads that summarise, compress and write seeds while "
+                   "the next batch runs (0: inline; default: up to 8 on a GPU host, 1 on the CPU)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     c = sub.add_parser("consolidate", help="close a sharded build once every shard is done")
     c.add_argument("run")
@@ -168,7 +172,7 @@ def _run(argv: list[str]) -> int:
             seeds=parse_seeds(args.seeds), prompt_format=args.format,
             regressors=[r.strip() for r in args.regressors.split(",")] if args.regressors else default_suite(),
             batch_size=args.batch_size, device=args.device, dtype=args.dtype, shard=parse_shard(args.shard),
-            max_seeds=args.max_seeds,
+            max_seeds=args.max_seeds, regressor_workers=args.regressor_workers, write_workers=args.write_workers,
         )
         command = "python -m cache_builder " + shlex.join(argv)
         path = build(spec, args.out, command=command, progress=not args.quiet)

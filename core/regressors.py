@@ -340,6 +340,12 @@ def default_suite() -> list[str]:
     return [n for n in REGRESSORS if REGRESSORS[n].family not in NOT_DEFAULT]
 
 
+def predict_named(names: list[str], x_train: X, y_train: Y, x_query: Q, seed: int) -> Float[np.ndarray, " R"]:
+    """Returns `predict_all` of the named regressors (what a build's regressor process runs:
+    names travel, the regressors are looked up there)."""
+    return predict_all([get_regressor(n) for n in names], x_train, y_train, x_query, seed)
+
+
 def predict_all(regressors: list[Regressor], x_train: X, y_train: Y, x_query: Q,
                 seed: int) -> Float[np.ndarray, " R"]:
     """Returns every regressor's prediction of the query; NaN where a fit fails."""

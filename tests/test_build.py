@@ -165,13 +165,16 @@ def _store_arrays(path):
     return out
 
 
-def test_resume_after_kill_gives_the_uninterrupted_store(tmp_path):
+def test_killed_pipelined_build_resumes_to_the_serial_builds_store(tmp_path):
     argv = [sys.executable, "-m", "cache_builder", "build", "--model", "tiny-random-llama",
             "--dataset", "friedman2", "--n-examples", "4", "--seeds", "0-9", "--batch-size", "2",
             "--regressors", "linear,mlp-10,random-forest,random", "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     ref_dir, dir_ = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(argv + ["--out", str(ref_dir)], check=True, env=env, cwd=ROOT)
+    build(BuildSpec("tiny-random-llama", "friedman2", 4, list(range(10)), batch_size=2,
+                    regressors=["linear", "mlp-10", "random-forest", "random"], regressor_workers=0, write_workers=0),
+          ref_dir, progress=False)  # in this process: one interpreter start-up less
+    argv += ["--regressor-workers", "1", "--write-workers", "2"]
     ref = next(ref_dir.glob("*.zarr"))
     path = dir_ / ref.name
     kills = 0
@@ -199,13 +202,26 @@ def test_resume_after_kill_gives_the_uninterrupted_store(tmp_path):
     assert len(RunStore.open(path).attrs["build"]["sessions"]) >= 1
 
 
+def test_pipelined_build_equals_the_serial_build_array_for_array(tmp_path):
+    common = dict(model="tiny-random-llama", dataset="friedman2", n_examples=5, seeds=list(range(7)),
+                  regressors=["linear", "knn", "mlp-10"], batch_size=2)
+    serial = build(BuildSpec(**common, regressor_workers=0, write_workers=0), tmp_path / "serial", progress=False)
+    piped = build(BuildSpec(**common, regressor_workers=2, write_workers=3), tmp_path / "piped", progress=False)
+    a, b = _store_arrays(Path(serial)), _store_arrays(Path(piped))
+    assert a.keys() == b.keys() and "acts/attn_rows" in a
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    (session,) = RunStore.open(piped).attrs["build"]["sessions"]
+    assert (session["regressor_workers"], session["write_workers"], session["seeds_built"]) == (2, 3, 7)
+
+
 def test_sharded_build_in_two_processes_equals_one_process(tmp_path):
     common = ["--model", "tiny-random-llama", "--dataset", "linear-ni22", "--n-examples", "4",
               "--seeds", "0-6", "--batch-size", "2", "--regressors", "linear,mlp-10", "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "cache_builder", "build", *common, "--out", str(one)],
-                   check=True, env=env, cwd=ROOT)
+    build(BuildSpec("tiny-random-llama", "linear-ni22", 4, list(range(7)), regressors=["linear", "mlp-10"],
+                    batch_size=2), one, progress=False)
     url = f"file://{tmp_path / 'sharded'}"  # an fsspec URL, as for s3://
     procs = [subprocess.Popen([sys.executable, "-m", "cache_builder", "build", *common, "--out", url,
                                "--shard", f"{i}/2"], env=env, cwd=ROOT) for i in (1, 0)]
