@@ -369,7 +369,7 @@ def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "
         write_s += _drain(pending)
     finally:
         # Queued regressors are dropped; the writes in flight finish (they are finished seeds).
-        procs.shutdown(wait=False, cancel_futures=True)
+        procs.shutdown(wait=True, cancel_futures=True)
         writers.shutdown(wait=True)
     bar.close()
     wall_s = time.perf_counter() - t_start

@@ -8,6 +8,8 @@ with every overlap turned off, which the tests and `bench/bench_pipeline.py` com
 
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,7 +47,19 @@ def regressor_pool(workers: int) -> Executor:
     # spawn, not fork: the parent holds torch's thread pools (and maybe a CUDA context).
     if workers == 0:
         return Inline()
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Starts a watch that ends this worker once its build is gone: a killed build (kill -9)
+    never shuts its pool down, and the workers, holding their queue's both ends, would wait forever."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def writer_pool(workers: int) -> Executor:

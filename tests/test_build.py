@@ -165,6 +165,19 @@ def _store_arrays(path):
     return out
 
 
+def _children(pid: int) -> list[int]:
+    """Returns the PIDs of the live processes whose parent is `pid` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
 def test_killed_pipelined_build_resumes_to_the_serial_builds_store(tmp_path):
     argv = [sys.executable, "-m", "cache_builder", "build", "--model", "tiny-random-llama",
             "--dataset", "friedman2", "--n-examples", "4", "--seeds", "0-9", "--batch-size", "2",
@@ -177,7 +190,7 @@ def test_killed_pipelined_build_resumes_to_the_serial_builds_store(tmp_path):
     argv += ["--regressor-workers", "1", "--write-workers", "2"]
     ref = next(ref_dir.glob("*.zarr"))
     path = dir_ / ref.name
-    kills = 0
+    kills, orphans = 0, []
     for wait_done in (0, 3, 6):  # kill during start-up, then after some seeds are done
         proc = subprocess.Popen(argv + ["--out", str(dir_)], env=env, cwd=ROOT)
         deadline = time.time() + 120
@@ -190,10 +203,16 @@ def test_killed_pipelined_build_resumes_to_the_serial_builds_store(tmp_path):
                 break
             time.sleep(0.05)
         if proc.poll() is None:
+            orphans += _children(proc.pid)
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
     assert kills >= 2
+    # The killed builds' regressor processes end by themselves.
+    deadline = time.time() + 10
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in orphans):
+        time.sleep(0.2)
+    assert not [pid for pid in orphans if Path(f"/proc/{pid}").exists()]
     subprocess.run(argv + ["--out", str(dir_)], check=True, env=env, cwd=ROOT)
     a, b = _store_arrays(ref), _store_arrays(path)
     assert a.keys() == b.keys()
