@@ -15,7 +15,8 @@ VIEWS = Path(__file__).parent / "views"
 PAGES = [("runs", "Runs", True), ("prompt", "Prompt", False), ("leaderboard", "Leaderboard", False),
          ("logit_diff", "Logit difference by layer", False), ("attention", "Attention", False),
          ("mlp", "MLP", False), ("probes", "Probes", False),
-         ("interventions", "Interventions", False), ("mechanism", "Mechanism", False)]
+         ("interventions", "Interventions", False), ("sweep", "Attribution sweep", False),
+         ("mechanism", "Mechanism", False)]
 st.navigation([st.Page(VIEWS / f"{name}.py", title=title, url_path=name.replace("_", "-"), default=default)
                for name, title, default in PAGES]).run()
 

@@ -7,6 +7,8 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +151,19 @@ def _parser() -> argparse.ArgumentParser:
     iv.add_argument("--device", default="auto", help="without --server: auto, cpu, cuda, cuda:N")
     iv.add_argument("--dtype", default="auto", help="without --server: auto, float32, bfloat16, float16")
     iv.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw = sub.add_parser("sweep", help="attribution patching sweep of a run (AtP / AtP*), top cells checked by exact "
+                        "patching; writes <cache>/sweeps/<run>/<hash>.json (README: 'Attribution sweeps')")
+    sw.add_argument("run", help="run store name under --cache")
+    sw.add_argument("--pairs", required=True, help="clean:corrupt seed pairs, e.g. 0:1,2:3")
+    sw.add_argument("--kinds", default="resid_pre,attn_out,mlp_out,head,head_q,head_k")
+    sw.add_argument("--positions", default="stored", help="named positions, comma-separated (default: stored)")
+    sw.add_argument("--answers", choices=("model", "truth"), default="model")
+    sw.add_argument("--verify-top", type=int, default=0, help="per kind, run the K cells of largest |estimate| exactly")
+    sw.add_argument("--verify-random", type=int, default=0, help="... and R others drawn at random")
+    sw.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    sw.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sw.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
     mc = sub.add_parser("mechanism", help="the mechanism lab's tests and verdict card on a run, or on the "
                         "known-answer toys (README: 'Mechanism lab')")
     mc.add_argument("run", nargs="?", help="run store name under --cache (omit with --toys)")
@@ -192,6 +207,8 @@ def _run(argv: list[str]) -> int:
         return intervene(args)
     if args.command == "mechanism":
         return mechanism(args)
+    if args.command == "sweep":
+        return sweep(args)
     store = RunStore.open(resolve_run(args.run, args.cache))
     if args.command == "export":
         table = export(store, args)
@@ -329,17 +346,46 @@ def intervene(args: argparse.Namespace) -> int:
             plan(store, request, store.attrs["model"])  # a bad request fails before the model loads
             model = load_model(store.attrs["model"]["spec"], args.device, args.dtype)
         backend = LocalBackend(model, args.cache)
-    with tqdm(total=1000, desc=request.experiment.root.kind, disable=args.quiet, leave=False,
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}") as bar:
-        def progress(fraction: float, stage: str) -> None:
-            bar.update(max(0, round(fraction * 1000) - bar.n))
-            bar.set_postfix_str(stage, refresh=True)
-
+    with fraction_bar(request.experiment.root.kind, args.quiet) as progress:
         result = backend.run(request, progress)
     print(format_summary(result.summary()))
     for note in result.notes:
         print(f"note: {note}")
     print(f"result: {archive.result_dir(args.cache, run, result.hash)}")
+    return 0
+
+
+@contextmanager
+def fraction_bar(desc: str, quiet: bool) -> Iterator[Callable[[float, str], None]]:
+    """Yields a `progress(fraction, stage)` callback drawing a tqdm bar (nothing when `quiet`)."""
+    with tqdm(total=1000, desc=desc, disable=quiet, leave=False,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}") as bar:
+        def progress(fraction: float, stage: str) -> None:
+            bar.update(max(0, round(fraction * 1000) - bar.n))
+            bar.set_postfix_str(stage, refresh=True)
+
+        yield progress
+
+
+def sweep(args: argparse.Namespace) -> int:
+    from core.interventions import attribution
+    from core.interventions.backend import open_run
+    from core.models import load_model
+
+    try:
+        pairs = [(int(c), int(r)) for c, r in (part.split(":") for part in args.pairs.split(","))]
+    except ValueError:  # a part without exactly one ':' fails the unpacking, a non-number int()
+        raise CliError(f"--pairs {args.pairs!r} does not parse; use clean:corrupt seeds, e.g. 0:1,2:3") from None
+    store = open_run(args.cache, args.run)
+    kinds, positions = args.kinds.split(","), args.positions.split(",")
+    attribution.validate(store, store.attrs["model"], pairs, kinds, positions, args.answers)  # before the model loads
+    model = load_model(store.attrs["model"]["spec"], args.device, args.dtype)
+    with fraction_bar("sweep", args.quiet) as progress:
+        result, path = attribution.sweep_and_verify(model, store, args.cache, pairs, kinds, positions, args.answers,
+                                                    top_k=args.verify_top, n_random=args.verify_random,
+                                                    progress=progress)
+    print(attribution.summary(result))
+    print(f"sweep: {path}")
     return 0
 
 
@@ -370,12 +416,7 @@ def mechanism(args: argparse.Namespace) -> int:
         subject.check_tokenizer()
         jobs = [(subject, subject.bases, lab.lab_dir(args.cache, store.name, spec), [store.seeds[r] for r in rows])]
     for subject, bases, out, labels in jobs:
-        with tqdm(total=1000, desc=subject.name, disable=args.quiet, leave=False,
-                  bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}") as bar:
-            def progress(fraction: float, stage: str) -> None:
-                bar.update(max(0, round(fraction * 1000) - bar.n))
-                bar.set_postfix_str(stage, refresh=True)
-
+        with fraction_bar(subject.name, args.quiet) as progress:
             card = lab.run_lab(subject, bases, out, labels, tests, progress=progress)
         print(f"{subject.name}: {card['verdict']['text']}")
         for t in card["tests"]:

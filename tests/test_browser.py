@@ -22,7 +22,7 @@ from support import free_port, stop
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = {"runs": "Runs", "prompt": "Prompt", "leaderboard": "Leaderboard", "logit-diff": "Logit difference by layer",
          "attention": "Attention", "mlp": "MLP", "probes": "Probes",
-         "interventions": "Interventions"}
+         "interventions": "Interventions", "sweep": "Attribution sweep", "mechanism": "Mechanism"}
 START_TIMEOUT_S = 60
 RUN_TIMEOUT_S = 60
 SETTLE_S = 1.0

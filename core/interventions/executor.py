@@ -409,7 +409,8 @@ def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[n
             for i in range(len(prompts))]
 
 
-def _answers(store: RunStore, request: ExperimentRequest, p: Plan, tokenizer) -> list[tuple[list[int], list[int]]]:
+def unit_answers(store: RunStore, request: ExperimentRequest, p: Plan,
+                 tokenizer) -> list[tuple[list[int], list[int]]]:
     """Returns each unit's answers A and B as tokens ([] for a candidate with no number)."""
     exp = request.experiment.root
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False) if text else []  # noqa: E731
@@ -436,7 +437,7 @@ def execute(model: LoadedModel, store: RunStore, request: ExperimentRequest,
     exp = request.experiment.root
     decode = exp.decode
     spans = p.spans
-    answers = _answers(store, request, p, model.tokenizer)
+    answers = unit_answers(store, request, p, model.tokenizer)
     n_layers = p.n_layers
 
     # Every position a cell covers on a prompt, every position a value is read at.
