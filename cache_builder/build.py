@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from cache_builder.host import Copier, HostActs, default_workers, regressor_pool, writer_pool
 from core import store as run_store
-from core.capture import ACT_NAMES, Captured, Recorder
+from core.capture import Captured, Recorder
 from core.datasets import DATASETS
 from core.candidates import SeedCandidates, build_trie, candidate_texts
 from core.teacher_forcing import teacher_force
@@ -28,7 +28,8 @@ from core.memory import pin_mmap_threshold
 from core.models import LoadedModel, check_spec, context_length, load_model, load_tokenizer, number_tokens
 from core.prompts import TEMPLATE, Prompt, build_prompts, choose_format, parse_number, tokenize_prompt
 from core.regressors import default_suite, get_regressor, predict_named
-from core.store import FLOAT16_LIMIT, MODEL_COLUMN, ActsLayout, Layout, RunStore, StoreError, location
+from core.store import (ACT_ARRAYS, FLOAT16_LIMIT, MODEL_COLUMN, ActsChoice, ActsLayout, Layout, RunStore,
+                        StoreError, location)
 from core.summary import seed_summary
 
 DEFAULT_CACHE = Path("cache")
@@ -58,6 +59,8 @@ class BuildSpec:
     # Build at most this many more seeds in this session (whole batches, at least one),
     # then return; the same spec without it resumes the rest.
     max_seeds: int | None = None
+    # Which activation arrays the run stores (`--acts`; core.store.ActsChoice.parse).
+    acts: str = "all"
     # Host workers (cache_builder.host): regressor processes and store-writer threads;
     # None: sized to the device, 0: inline (the serial build).
     regressor_workers: int | None = None
@@ -71,6 +74,9 @@ class BuildSpec:
         d = asdict(self)
         for key in ("batch_size", "device", "dtype", "shard", "max_seeds", "regressor_workers", "write_workers"):
             d.pop(key)
+        d["acts"] = ActsChoice.parse(self.acts).text()
+        if d["acts"] == "all":  # absent from the stores built before --acts, which keep resuming
+            d.pop("acts")
         return d
 
 
@@ -92,6 +98,7 @@ def _check_out_dir(out_dir: str | Path) -> None:
 
 def _validate(spec: BuildSpec) -> None:
     DATASETS[spec.dataset]
+    ActsChoice.parse(spec.acts)
     for name in spec.regressors:
         get_regressor(name)
     if MODEL_COLUMN in spec.regressors:
@@ -135,10 +142,11 @@ def _existing(path: str, spec: BuildSpec) -> RunStore | None:
         fs.rm(root, recursive=True)
         return None
     store = RunStore.open(path, mode="r+")
-    stored = store.attrs["params"]
-    diff = [k for k, v in spec.params().items() if stored.get(k) != v]
+    # A run built before --acts (or with its default) has no "acts" parameter: it holds all.
+    stored, asked = ({"acts": "all", **p} for p in (store.attrs["params"], spec.params()))
+    diff = [k for k in asked | stored if stored.get(k) != asked.get(k)]
     if diff:
-        shown = "; ".join(f"{k}: stored {_short(stored.get(k))}, asked {_short(spec.params()[k])}" for k in diff)
+        shown = "; ".join(f"{k}: stored {_short(stored.get(k))}, asked {_short(asked.get(k))}" for k in diff)
         raise StoreError(f"existing run {store.name} was built with other parameters ({shown}); "
                          "use another --out or delete it")
     return store
@@ -242,7 +250,7 @@ class BatchRunner:
 
 
 def _peaks(c: Captured) -> dict[str, float]:
-    return {name: float(getattr(c, name).abs().max()) for name in ACT_NAMES}
+    return {name: float(getattr(c, name).abs().max()) for name in ACT_ARRAYS}
 
 
 def _dtypes(peaks: dict[str, float]) -> dict[str, str]:
@@ -265,7 +273,7 @@ def _write_seed(store: RunStore, i: int, preds: np.ndarray, text: str, cands: Se
                 j: int, pad: int, n_tokens: int, prompt: Prompt, bar: tqdm) -> None:
     """Summarises and writes seed row `i` (row j of its batch); a writer thread's task."""
     acts = _seed_acts(host.numpy(), j, pad, n_tokens)
-    store.write_seed(i, preds, text, acts, cands, seed_summary(acts, prompt))
+    store.write_seed(i, preds, text, store.acts_choice.keep(acts), cands, seed_summary(acts, prompt))
     bar.update(1)
 
 
@@ -348,7 +356,7 @@ def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "
                 write_s += _drain(pending)  # no write may land in an array being rewritten
                 _check_range(store, peaks)
             t0 = time.perf_counter()
-            dtypes = {name: str(store.root[f"acts/{name}"].dtype) for name in ACT_NAMES}
+            dtypes = store.act_dtypes()
             feed([batch])
             preds = [np.concatenate([[parse_number(text)], regressed.pop(i).result()])
                      for text, i in zip(decoded.texts, batch)]
@@ -412,7 +420,8 @@ def _create(path: str, spec: BuildSpec, prep: Prepared, model: LoadedModel, dtyp
     }
     layout = Layout(len(spec.seeds), spec.n_examples, dataset.n_features, len(columns), prep.n_tokens,
                     prep.max_new_tokens)
-    acts = ActsLayout(info["n_layers"], info["d_model"], info["n_heads"], spec.n_examples + 1, dtypes)
+    acts = ActsLayout(info["n_layers"], info["d_model"], info["n_heads"], spec.n_examples + 1, dtypes,
+                      ActsChoice.parse(spec.acts))
     store = run_store.create(path, layout, acts, attrs)
     store.write_inputs(prep.samples, prep.prompts)
     _unembed(store, model)
@@ -424,8 +433,9 @@ def _create(path: str, spec: BuildSpec, prep: Prepared, model: LoadedModel, dtyp
 
 def _overflows(store: RunStore, peaks: dict[str, float]) -> list[str]:
     """Returns the float16 arrays that this batch's peaks overflow."""
+    dtypes = store.act_dtypes()
     return [name for name, peak in peaks.items()
-            if store.root[f"acts/{name}"].dtype == np.float16 and not peak < float(np.finfo(np.float16).max)]
+            if dtypes[name] == "float16" and not peak < float(np.finfo(np.float16).max)]
 
 
 def _check_range(store: RunStore, peaks: dict[str, float]) -> None:

@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
                    "(N processes fill one store; the last to finish closes it)")
     b.add_argument("--max-seeds", type=int, help="build at most K more seeds now (whole batches, at least one), "
                    "then stop; the same command without it builds the rest")
+    b.add_argument("--acts", default="all", help="activation arrays to store: all, none, or some of resid, attn_out, "
+                   "mlp_out, head_out, attn_rows (attn_rows:final: the final position's rows only); "
+                   "summaries are computed either way")
     b.add_argument("--regressor-workers", type=int, help="regressor processes beside the model (0: inline; "
                    "default: every core but one on a GPU host, inline on the CPU)")
     b.add_argument("--write-workers", type=int, help="threads that summarise, compress and write seeds while "
@@ -187,7 +190,8 @@ def _run(argv: list[str]) -> int:
             seeds=parse_seeds(args.seeds), prompt_format=args.format,
             regressors=[r.strip() for r in args.regressors.split(",")] if args.regressors else default_suite(),
             batch_size=args.batch_size, device=args.device, dtype=args.dtype, shard=parse_shard(args.shard),
-            max_seeds=args.max_seeds, regressor_workers=args.regressor_workers, write_workers=args.write_workers,
+            max_seeds=args.max_seeds, acts=args.acts, regressor_workers=args.regressor_workers,
+            write_workers=args.write_workers,
         )
         command = "python -m cache_builder " + shlex.join(argv)
         path = build(spec, args.out, command=command, progress=not args.quiet)

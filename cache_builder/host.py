@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from core.capture import ACT_NAMES, Captured
+from core.capture import Captured
+from core.store import ACT_ARRAYS
 
 
 class Inline(Executor):
@@ -89,7 +90,7 @@ class Copier:
         self.buffers: dict[str, Tensor] = {}
 
     def __call__(self, c: Captured, dtypes: dict[str, str]) -> HostActs:
-        converted = {name: getattr(c, name).to(getattr(torch, dtypes[name])) for name in ACT_NAMES}
+        converted = {name: getattr(c, name).to(getattr(torch, dtypes[name])) for name in ACT_ARRAYS}
         if converted["resid"].device.type != "cuda":
             return HostActs({name: t.contiguous() for name, t in converted.items()}, None)
         out = {}

@@ -20,7 +20,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-ACT_NAMES = ("resid", "attn_out", "mlp_out", "head_out", "attn_rows")
 
 
 @dataclass

@@ -13,6 +13,7 @@ See DESIGN.md "The run store" for the array names.
 import datetime as dt
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -61,20 +62,70 @@ class Layout:
     n_steps: int  # the longest answer, in tokens
 
 
+ACT_ARRAYS = ("resid", "attn_out", "mlp_out", "head_out", "attn_rows")
+# Which queries' attention rows `acts/attn_rows` holds: every stored position, or the final one.
+ROWS_AT = ("stored", "final")
+
+
+@dataclass(frozen=True)
+class ActsChoice:
+    """Which activation arrays a run stores (`--acts`), and the attention rows of which positions."""
+
+    arrays: tuple[str, ...] = ACT_ARRAYS
+    rows_at: str = "stored"
+
+    @classmethod
+    def parse(cls, text: str) -> "ActsChoice":
+        """Parses `all`, `none` or a comma list of array names, `attn_rows:final` for the final
+        position's attention rows only; raises StoreError (one line) for an unknown name."""
+        if text.strip() == "all":
+            return cls()
+        if text.strip() == "none":
+            return cls(())
+        arrays, rows_at = [], "stored"
+        for part in (p.strip() for p in text.split(",")):
+            name, _, at = part.partition(":")
+            if name not in ACT_ARRAYS or (at and (name != "attn_rows" or at not in ROWS_AT)):
+                raise StoreError(f"--acts: unknown array {part!r}; use all, none or some of "
+                                 f"{', '.join(ACT_ARRAYS)} (attn_rows:final for the final position's rows)")
+            arrays.append(name)
+            rows_at = at or rows_at
+        return cls(tuple(n for n in ACT_ARRAYS if n in arrays), rows_at)
+
+    def keep(self, acts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Returns what a run with this choice stores of one seed's activations (every array)."""
+        out = {name: acts[name] for name in self.arrays}
+        if "attn_rows" in out and self.rows_at == "final":
+            out["attn_rows"] = out["attn_rows"][..., -1:, :]
+        return out
+
+    def text(self) -> str:
+        """Returns the `--acts` value that gives this choice."""
+        if self == ActsChoice():
+            return "all"
+        return ",".join(n + (":final" if n == "attn_rows" and self.rows_at == "final" else "")
+                        for n in self.arrays) or "none"
+
+
 @dataclass(frozen=True)
 class ActsLayout:
-    """The shapes of the activation arrays: layers, width, heads, stored positions, dtypes."""
+    """The shapes of the activation arrays: layers, width, heads, stored positions, dtypes,
+    and which arrays the run keeps."""
 
     n_layers: int
     d_model: int
     n_heads: int
     n_positions: int
     dtypes: dict  # act name -> "float16" | "float32"
+    choice: ActsChoice = ActsChoice()
 
     def shapes(self, n_seeds: int, n_tokens: int) -> dict[str, tuple[int, ...]]:
+        """Returns the shape of each array the run keeps."""
         s, L, d, h, p = n_seeds, self.n_layers, self.d_model, self.n_heads, self.n_positions
-        return {"resid": (s, L + 1, p, d), "attn_out": (s, L, p, d), "mlp_out": (s, L, p, d),
-                "head_out": (s, L, h, d), "attn_rows": (s, L, h, p, n_tokens)}
+        rows = p if self.choice.rows_at == "stored" else 1
+        every = {"resid": (s, L + 1, p, d), "attn_out": (s, L, p, d), "mlp_out": (s, L, p, d),
+                 "head_out": (s, L, h, d), "attn_rows": (s, L, h, rows, n_tokens)}
+        return {name: every[name] for name in self.choice.arrays}
 
 
 def location(url: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -116,6 +167,9 @@ def create(path: str | Path, layout: Layout, acts: ActsLayout, attrs: dict) -> "
         chunk = (1, 1, *shape[2:])
         group.create_array(name, shape=shape, chunks=chunk, shards=(1, *shape[1:]),
                            dtype=acts.dtypes[name], fill_value=0, compressors=ACT_CODEC)
+    # The dtypes of the arrays not kept too: the builder converts them alike before summarising.
+    group.attrs.update(kept={"arrays": list(acts.choice.arrays), "attn_rows_at": acts.choice.rows_at},
+                       dtypes=dict(acts.dtypes))
     _create_candidates(root, layout, acts, [TRUTH, *attrs["regressors"]])
     summary = root.create_group("summary")
     summary.attrs["doc"] = core_summary.__doc__
@@ -214,31 +268,44 @@ class RunStore:
 
     # Activations: every accessor reads only the slice asked for, as float32.
 
+    @cached_property
+    def acts_choice(self) -> ActsChoice:
+        """Which activation arrays the run holds (every one in a store built before `--acts`)."""
+        kept = self.root["acts"].attrs.get("kept")
+        return ActsChoice() if kept is None else ActsChoice(tuple(kept["arrays"]), kept["attn_rows_at"])
+
+    def _act(self, name: str) -> zarr.Array:
+        choice = self.acts_choice
+        if name not in choice.arrays:
+            raise StoreError(f"run {self.name} holds no acts/{name}: it was built with --acts {choice.text()}")
+        return self.root[f"acts/{name}"]
+
     def act_positions(self, index: int) -> Int[np.ndarray, " P"]:
         """Returns the token positions the activations of row `index` are stored at."""
         return self.root["acts/positions"][index]
 
     def resid(self, index: int, layer: int) -> Float[np.ndarray, "P d"]:
         """Residual stream before `layer` (layer n_layers: after the last), stored positions."""
-        return self.root["acts/resid"][index, layer].astype(np.float32)
+        return self._act("resid")[index, layer].astype(np.float32)
 
     def attn_out(self, index: int, layer: int) -> Float[np.ndarray, "P d"]:
-        return self.root["acts/attn_out"][index, layer].astype(np.float32)
+        return self._act("attn_out")[index, layer].astype(np.float32)
 
     def mlp_out(self, index: int, layer: int) -> Float[np.ndarray, "P d"]:
-        return self.root["acts/mlp_out"][index, layer].astype(np.float32)
+        return self._act("mlp_out")[index, layer].astype(np.float32)
 
     def head_out(self, index: int, layer: int) -> Float[np.ndarray, "H d"]:
         """Each head's output (its slice of W_O applied) at the final position."""
-        return self.root["acts/head_out"][index, layer].astype(np.float32)
+        return self._act("head_out")[index, layer].astype(np.float32)
 
     def attn_rows(self, index: int, layer: int) -> Float[np.ndarray, "H P T"]:
-        """Attention probabilities of the stored positions over the seed's tokens."""
-        return self.root["acts/attn_rows"][index, layer].astype(np.float32)
+        """Attention probabilities of the stored positions (the final one only in a run built
+        with `--acts attn_rows:final`) over the seed's tokens."""
+        return self._act("attn_rows")[index, layer].astype(np.float32)
 
     def final_resid(self, layer: int) -> Float[np.ndarray, "s d"]:
         """Residual stream before `layer` at the final position, every seed."""
-        return self.root["acts/resid"][:, layer, -1].astype(np.float32)
+        return self._act("resid")[:, layer, -1].astype(np.float32)
 
     # Writing, for the builder.
 
@@ -297,8 +364,19 @@ class RunStore:
         self.root["llm_text"][index] = text
         self.root["done"][index] = True
 
+    def act_dtypes(self) -> dict[str, str]:
+        """Returns the dtype of every activation array, stored or not (the builder's conversions)."""
+        stored = self.root["acts"].attrs.get("dtypes", {})
+        return {name: str(self.root[f"acts/{name}"].dtype) if name in self.acts_choice.arrays else stored[name]
+                for name in ACT_ARRAYS}
+
     def promote_to_float32(self, name: str, reason: str) -> None:
-        """Rewrites activation array `name` as float32 (a float16 one overflowed)."""
+        """Rewrites activation array `name` as float32 (a float16 one overflowed); for an array
+        the run does not keep, records float32 as the dtype its summaries are computed in."""
+        if name not in self.acts_choice.arrays:
+            group = self.root["acts"]
+            group.attrs["dtypes"] = {**group.attrs["dtypes"], name: "float32"}
+            return
         old = self.root[f"acts/{name}"]
         done = np.nonzero(self.done())[0]
         kept = {int(i): old[int(i)] for i in done}
@@ -329,6 +407,7 @@ def describe(store: RunStore) -> str:
         f"integer digits {prompt.get('int_digits')}",
         f"seeds       {int(done.sum())}/{len(done)} done ({_ranges(store.seeds)})",
         f"columns     {len(store.columns)}: {', '.join(store.columns)}",
+        f"activations --acts {store.acts_choice.text()}",
         f"built       {build.get('started')} -> {build.get('finished') or 'unfinished'} on {build.get('device')}",
         f"command     {build.get('command')}",
         f"sessions    {len(build.get('sessions', []))}: "

@@ -132,3 +132,41 @@ def test_float16_overflow_promotes_the_array_and_keeps_written_seeds(tmp_path, m
     want = ref.root["acts/mlp_out"][:].astype(np.float32)
     np.testing.assert_array_equal(arr[:2], want[:2])  # written before: kept exactly
     np.testing.assert_allclose(arr[2:], want[2:], rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_acts_choice_keeps_what_it_names_and_the_same_summaries(tmp_path, capsys):
+    """A run built with `--acts resid,attn_rows:final` holds the full run's resid, the last of its
+    attention rows and every summary bit for bit; the arrays it left out are refused by name."""
+    from cache_builder.cli import main
+    from core.store import StoreError, describe
+    from tests.support import app_page
+
+    common = dict(model="tiny-random-llama", dataset="friedman2", n_examples=4, seeds=[0, 1, 2],
+                  regressors=["mean"], batch_size=2)
+    full = RunStore.open(build(BuildSpec(**common), tmp_path / "full", progress=False))
+    part_path = build(BuildSpec(**common, acts="resid,attn_rows:final"), tmp_path / "part", progress=False)
+    part = RunStore.open(part_path)
+    assert sorted(part.root["acts"].array_keys()) == ["attn_rows", "positions", "resid"]
+    np.testing.assert_array_equal(part.root["acts/resid"][:], full.root["acts/resid"][:])
+    np.testing.assert_array_equal(part.root["acts/attn_rows"][:], full.root["acts/attn_rows"][:][..., -1:, :])
+    for name in ("final_resid", "mlp_norm", "head_scores"):
+        np.testing.assert_array_equal(part.root[f"summary/{name}"][:], full.root[f"summary/{name}"][:])
+    np.testing.assert_array_equal(part.predictions(), full.predictions())
+    with pytest.raises(StoreError, match=r"holds no acts/mlp_out: it was built with --acts resid,attn_rows:final"):
+        part.mlp_out(0, 1)
+    assert "--acts resid,attn_rows:final" in describe(part) and "--acts all" in describe(full)
+
+    # The attention page says what the run lacks instead of the one-seed view.
+    none = build(BuildSpec(**common, acts="none"), tmp_path / "none", progress=False)
+    at = app_page("attention", {"WORKBENCH_CACHE": str(tmp_path / "none")}, run=RunStore.open(none).name)
+    assert any("holds no attention rows" in str(i.value) for i in at.info)
+    capsys.readouterr()  # streamlit's own warnings
+
+    # Bad input: an unknown array; another choice on an existing run.
+    argv = ["build", "--model", "tiny-random-llama", "--dataset", "friedman2", "--n-examples", "4", "--seeds",
+            "0-2", "--batch-size", "2", "--regressors", "mean", "--out", str(tmp_path / "part"), "--quiet"]
+    for acts, message in (("resid,attn_rows:all", "unknown array 'attn_rows:all'"), ("mlp", "unknown array 'mlp'"),
+                          ("all", "built with other parameters (acts: stored resid,attn_rows:final, asked all)")):
+        assert main([*argv, "--acts", acts]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

@@ -42,6 +42,11 @@ chart(alt.Chart(long).mark_rect().encode(
 ).properties(width=260, height=max(160, 12 * int(scores.layer.max() + 1))))
 
 st.subheader("One seed: where the final position looks, per head")
+if "attn_rows" not in store.acts_choice.arrays:
+    st.info(f"This run holds no attention rows (built with `--acts {store.acts_choice.text()}`): the head scores "
+            "above come from its summaries; rebuild with `--acts all` or `--acts attn_rows:final` to see one "
+            "seed's attention here.")
+    st.stop()
 seed = pick_seed(store)
 n_layers = store.attrs["model"]["n_layers"]
 layer = int(choose("Layer (default: the top-ranked head's)", "layer", list(range(n_layers)),
