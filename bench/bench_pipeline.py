@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,20 +29,7 @@ from cache_builder.build import BuildSpec, build  # noqa: E402
 from cache_builder.cli import parse_seeds  # noqa: E402
 from core.models import load_model  # noqa: E402
 from core.regressors import default_suite  # noqa: E402
-from core.store import RunStore  # noqa: E402
-
-
-def arrays(path: str) -> dict[str, np.ndarray]:
-    out = {}
-
-    def walk(group, prefix=""):
-        for name, item in group.members():
-            if isinstance(item, zarr.Group):
-                walk(item, prefix + name + "/")
-            else:
-                out[prefix + name] = item[:]
-    walk(zarr.open_group(path, mode="r"))
-    return out
+from core.store import RunStore, every_array  # noqa: E402
 
 
 def disk_bytes(path: str) -> int:
@@ -89,7 +75,7 @@ def main() -> None:
             for label, rw, ww in (("serial", 0, 0), ("pipelined", args.regressor_workers, args.write_workers)):
                 spec = BuildSpec(**base, regressor_workers=rw, write_workers=ww)
                 rows[label] = one(spec, tmp / label, model)
-            a, b = arrays(rows["serial"][0]), arrays(rows["pipelined"][0])
+            a, b = every_array(rows["serial"][0]), every_array(rows["pipelined"][0])
             same = a.keys() == b.keys() and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
             n_seeds = len(base["seeds"])
             tokens = RunStore.open(rows["serial"][0]).attrs["prompt"]["n_tokens"]

@@ -94,16 +94,79 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def converted(part: str) -> Path | None:
+    """Returns a directory holding `part` ("tokenizer", "config" or "model") of the embedded
+    GGUF saved as Hugging Face files, converting it on first use; None where the cache
+    cannot be written (the caller then reads the GGUF).
+
+    Reading the GGUF costs about 30 s a process (its 49k-token vocabulary is parsed for the
+    tokenizer, the config and the weights alike); the converted files load in about a second.
+    The copy lives under $WORKBENCH_MODEL_CACHE (default ~/.cache/workbench), keyed by the
+    package's and transformers' versions, and is written to a temporary directory renamed
+    into place, so concurrent first uses never see half a copy.
+    """
+    import tempfile
+
+    import transformers
+
+    root = Path(os.environ.get("WORKBENCH_MODEL_CACHE") or Path.home() / ".cache" / "workbench")
+    target = root / f"{EMBEDDED_PACKAGE}-{EMBEDDED_VERSION}-transformers-{transformers.__version__}" / part
+    if (target / "done").is_file():
+        return target
+    path = embedded_gguf_path()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{part}-", dir=target.parent))
+    except OSError:
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if part == "model":
+            # The weights as the GGUF dequantises them, float32 (a load in another dtype casts
+            # them, as from the GGUF), moved into a plain model: transformers will not save one
+            # that came from a GGUF.
+            gguf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            config = gguf.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            plain.load_state_dict(gguf.state_dict())
+            plain.save_pretrained(tmp)
+        else:
+            load = {"tokenizer": AutoTokenizer, "config": AutoConfig}[part]
+            load.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+    (tmp / "done").touch()
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _from_embedded(auto: Any, part: str, **kwargs: Any) -> Any:
+    """Returns `auto.from_pretrained` of the embedded model's converted `part`, else of its GGUF."""
+    where = converted(part)
+    if where is not None:
+        return auto.from_pretrained(where, **kwargs)
+    path = embedded_gguf_path()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return auto.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+
+
 _TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
 
 
 def embedded_tokenizer() -> PreTrainedTokenizerBase:
-    """Returns the SmolLM2 tokenizer from the embedded GGUF (cached per process)."""
+    """Returns the SmolLM2 tokenizer of the embedded GGUF (cached per process)."""
     if "smollm2" not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
-        path = embedded_gguf_path()
-        _TOKENIZERS["smollm2"] = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        _TOKENIZERS["smollm2"] = _from_embedded(AutoTokenizer, "tokenizer")
     return _TOKENIZERS["smollm2"]
 
 
@@ -168,10 +231,7 @@ def _load_smollm2(device: torch.device, dtype: torch.dtype) -> LoadedModel:
 
     path = embedded_gguf_path()
     tokenizer = embedded_tokenizer()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
-                                                  attn_implementation="sdpa")
+    hf = _from_embedded(AutoModelForCausalLM, "model", dtype=dtype, attn_implementation="sdpa")
     return _wrap("smollm2-135m", hf.to(device), tokenizer, device,
                  name=f"SmolLM2-135M-Instruct ({path.name} from {EMBEDDED_PACKAGE} {EMBEDDED_VERSION})")
 
@@ -266,13 +326,10 @@ SHAPES: dict[str, dict] = {
 
 @functools.cache
 def _gguf_config() -> Any:
-    """The embedded model's config (parsing the GGUF takes seconds: once per process)."""
+    """The embedded model's config (once per process)."""
     from transformers import AutoConfig
 
-    path = embedded_gguf_path()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    return _from_embedded(AutoConfig, "config")
 
 
 def random_config(base: str) -> tuple[Any, str]:

@@ -391,6 +391,21 @@ class RunStore:
         self.root.attrs.update(attrs)
 
 
+def every_array(path: str | Path) -> dict[str, np.ndarray]:
+    """Returns every array of the Zarr group at `path`, keyed by its path in the group (to
+    compare two stores array for array)."""
+    out = {}
+
+    def walk(group: zarr.Group, prefix: str = "") -> None:
+        for name, item in group.members():
+            if isinstance(item, zarr.Group):
+                walk(item, f"{prefix}{name}/")
+            else:
+                out[prefix + name] = item[:]
+    walk(zarr.open_group(str(path), mode="r"))
+    return out
+
+
 def describe(store: RunStore) -> str:
     """Returns a human-readable description of a store: provenance and contents."""
     a = store.attrs

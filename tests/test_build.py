@@ -15,7 +15,7 @@ from sklearn.neighbors import KNeighborsRegressor
 
 from cache_builder.build import BuildSpec, build
 from cache_builder.cli import main, parse_seeds
-from core.store import RunStore
+from core.store import RunStore, every_array
 
 ROOT = Path(__file__).resolve().parents[1]
 REGS = ["linear", "knn", "mean", "gd-k10"]
@@ -152,19 +152,6 @@ def test_parse_seeds():
     assert parse_seeds("0,5,10-11") == [0, 5, 10, 11]
 
 
-def _store_arrays(path):
-    g = zarr.open_group(str(path), mode="r")
-    out = {}
-    def walk(group, prefix=""):
-        for name, item in group.members():
-            if isinstance(item, zarr.Group):
-                walk(item, prefix + name + "/")
-            else:
-                out[prefix + name] = item[:]
-    walk(g)
-    return out
-
-
 def _children(pid: int) -> list[int]:
     """Returns the PIDs of the live processes whose parent is `pid` (Linux /proc)."""
     out = []
@@ -214,7 +201,7 @@ def test_killed_pipelined_build_resumes_to_the_serial_builds_store(tmp_path):
         time.sleep(0.2)
     assert not [pid for pid in orphans if Path(f"/proc/{pid}").exists()]
     subprocess.run(argv + ["--out", str(dir_)], check=True, env=env, cwd=ROOT)
-    a, b = _store_arrays(ref), _store_arrays(path)
+    a, b = every_array(ref), every_array(path)
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
@@ -226,7 +213,7 @@ def test_pipelined_build_equals_the_serial_build_array_for_array(tmp_path):
                   regressors=["linear", "knn", "mlp-10"], batch_size=2)
     serial = build(BuildSpec(**common, regressor_workers=0, write_workers=0), tmp_path / "serial", progress=False)
     piped = build(BuildSpec(**common, regressor_workers=2, write_workers=3), tmp_path / "piped", progress=False)
-    a, b = _store_arrays(Path(serial)), _store_arrays(Path(piped))
+    a, b = every_array(Path(serial)), every_array(Path(piped))
     assert a.keys() == b.keys() and "acts/attn_rows" in a
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
@@ -247,7 +234,7 @@ def test_sharded_build_in_two_processes_equals_one_process(tmp_path):
     assert [p.wait() for p in procs] == [0, 0]
     ref = next(one.glob("*.zarr"))
     got = tmp_path / "sharded" / ref.name
-    a, b = _store_arrays(ref), _store_arrays(got)
+    a, b = every_array(ref), every_array(got)
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)

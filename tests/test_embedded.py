@@ -42,6 +42,26 @@ def test_answers_equal_greedy_generation_of_the_raw_hf_model(embedded_store, tok
         assert float(first) == preds[i]
 
 
+def test_converted_copy_is_the_gguf(tokenizer):
+    """The tokenizer and weights the workbench loads (`core.models.converted`) are the GGUF's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.models import converted, load_model
+
+    assert converted("model") is not None and converted("tokenizer") is not None
+    path = embedded_gguf_path()
+    raw_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert raw_tok.get_vocab() == tokenizer.get_vocab() and type(raw_tok) is type(tokenizer)
+    text = "Feature 0: 57.21\nOutput: 0123.40\n\nFeature 0: -3.5e2 \u00e9\nOutput:"
+    assert raw_tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert raw_tok.decode(raw_tok(text)["input_ids"]) == tokenizer.decode(tokenizer(text)["input_ids"])
+    raw = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).state_dict()
+    ours = load_model("smollm2-135m").hf_model.state_dict()
+    assert raw.keys() == ours.keys()
+    for name in raw:
+        assert torch.equal(raw[name], ours[name]), name
+
+
 def test_leaderboard_cli_against_numpy(embedded_store):
     buf = io.StringIO()
     with redirect_stdout(buf):
