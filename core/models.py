@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from core.registry import Registry
@@ -54,6 +56,7 @@ class LoadedModel:
     n_ctx: int
     info: dict = field(default_factory=dict)
     _bridge: Any = None
+    _unembed_f32: Tensor | None = None
 
     @property
     def dtype_bytes(self) -> int:
@@ -64,6 +67,17 @@ class LoadedModel:
     def kv_bytes_per_token(self) -> int:
         """Bytes the KV cache holds per token of one sequence (every layer's keys and values)."""
         return 2 * self.info["n_layers"] * self.info["n_kv_heads"] * self.info["d_head"] * self.dtype_bytes
+
+    def logprobs(self, normed: Float[Tensor, "... d"]) -> Float[Tensor, "... vocab"]:
+        """Returns the log-softmax over the vocabulary of final-normed hidden states, unembedded
+        in float32: bfloat16 logits of magnitude 16 to 32 round to 1/8 nat, and so would every
+        difference of log-probabilities. A float32 copy of the unembedding is kept once made."""
+        weight = self.hf_model.lm_head.weight
+        if weight.dtype != torch.float32:
+            if self._unembed_f32 is None:
+                self._unembed_f32 = weight.detach().float()
+            weight = self._unembed_f32
+        return torch.log_softmax(torch.nn.functional.linear(normed.float(), weight), -1)
 
     @property
     def bridge(self) -> Any:

@@ -246,7 +246,7 @@ def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_to
             for handle in handles:
                 handle.remove()
     patcher.resid(n_layers, h)
-    final = torch.log_softmax(hf.lm_head(hf.model.norm(h[:, -1])).float(), -1)  # [n, V]
+    final = model.logprobs(hf.model.norm(h[:, -1]))  # [n, V]
     _score(model, jobs, cache, final, t)
     if any(j.decode for j in jobs):
         _decode(model, jobs, cache, final, t, max_new_tokens)
@@ -318,9 +318,9 @@ def _score(model: LoadedModel, jobs: list[Job], cache: DynamicCache, final: Floa
                     a = tr.parent[a]
             for pad in range(len(tr.node_token) - 1, width):
                 mask[r, 0, pad, t + pad] = True
-        out = model.hf_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                             past_key_values=cache, use_cache=True)
-        tree = torch.log_softmax(out.logits.float(), -1)
+        out = model.hf_model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                                   past_key_values=cache, use_cache=True)
+        tree = model.logprobs(out.last_hidden_state)
         cache.crop(-width)
     for r, (job, tr) in enumerate(zip(jobs, tries)):
         logp = lambda node: final[r] if node == 0 else tree[r, node - 1]  # noqa: E731
