@@ -70,14 +70,15 @@ class LoadedModel:
 
     def logprobs(self, normed: Float[Tensor, "... d"]) -> Float[Tensor, "... vocab"]:
         """Returns the log-softmax over the vocabulary of final-normed hidden states, unembedded
-        in float32: bfloat16 logits of magnitude 16 to 32 round to 1/8 nat, and so would every
-        difference of log-probabilities. A float32 copy of the unembedding is kept once made."""
+        in float32 at least (float64 stays): bfloat16 logits of magnitude 16 to 32 round to 1/8
+        nat, and so would every difference of log-probabilities. A float32 copy of a narrower
+        unembedding is kept once made."""
         weight = self.hf_model.lm_head.weight
-        if weight.dtype != torch.float32:
+        if weight.dtype not in (torch.float32, torch.float64):
             if self._unembed_f32 is None:
                 self._unembed_f32 = weight.detach().float()
             weight = self._unembed_f32
-        return torch.log_softmax(torch.nn.functional.linear(normed.float(), weight), -1)
+        return torch.log_softmax(torch.nn.functional.linear(normed.to(weight.dtype), weight), -1)
 
     @property
     def bridge(self) -> Any:

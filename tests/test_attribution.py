@@ -128,7 +128,7 @@ def test_estimate_equals_the_executors_exact_effect_where_the_metric_is_linear(s
     for label in ("resid_pre L2 @ final", "mlp_out L1 @ final"):
         i = cell(checked, label)
         assert np.abs(exact_pairs[i]).min() > 2e-3, (label, exact_pairs[i])
-        # the executor scores in float32: its effects carry ~1e-5 of rounding
+        # the executor and the sweep are two code paths: their effects differ by rounding, ~1e-5
         np.testing.assert_allclose(checked.per_pair()[i], exact_pairs[i], rtol=1e-3, atol=2e-5, err_msg=label)
     # Where the metric is not linear the first-order estimate is off, by far more than that tolerance.
     nonlinear = df.loc[["resid_pre L1 @ final", "attn_out L0 @ final", "attn_out L1 @ final", "resid_pre L1 @ y[1]"]]

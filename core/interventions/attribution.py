@@ -66,7 +66,7 @@ from torch import Tensor
 
 from core.interventions.backend import fingerprint
 from core.interventions.executor import execute, unit_answers
-from core.interventions.plan import aligned, expand_sites, plan
+from core.interventions.plan import Plan, aligned, expand_sites, plan
 from core.interventions.positions import Spans, expand
 from core.interventions.result import DENOMINATOR_MIN
 from core.interventions.spec import (ExperimentRequest, InterventionError, Patching, Site, SiteGrid, code_version)
@@ -212,10 +212,7 @@ def forward(model: LoadedModel, tr: Tree, grad: bool, qkv: bool) -> Pass:
                 emb = emb.detach().requires_grad_(True)
             out = hf.model(inputs_embeds=emb, attention_mask=tr.mask[None, None], position_ids=tr.pos,
                            use_cache=False)
-            normed = out.last_hidden_state[0, tr.read]
-            # float64 stays (the tests' exact checks); other dtypes are unembedded in float32
-            logp = torch.log_softmax(normed @ hf.lm_head.weight.T, -1) if normed.dtype == torch.float64 \
-                else model.logprobs(normed)
+            logp = model.logprobs(out.last_hidden_state[0, tr.read])
             m = (logp[torch.arange(len(tr.read), device=logp.device), tr.target] * tr.sign).sum()
             grads = None
             if grad:
@@ -341,8 +338,8 @@ class Grid:
 
 def validate(store: RunStore, model_info: dict, pairs: list[tuple[int, int]], kinds: list[str],
              positions: list[str], answers: str = "model", layers: list[int] | str = "all",
-             ) -> tuple[ExperimentRequest, dict[str, list[int]]]:
-    """Returns the executor's request behind the sweep and each kind's layers; raises
+             ) -> tuple[ExperimentRequest, dict[str, list[int]], Plan]:
+    """Returns the executor's request behind the sweep, each kind's layers and its plan; raises
     InterventionError (one line) for what cannot run. Needs no model: the CLI checks first."""
     unknown = [k for k in kinds if k not in SWEEP_KINDS]
     if unknown or not kinds:
@@ -363,17 +360,16 @@ def validate(store: RunStore, model_info: dict, pairs: list[tuple[int, int]], ki
     request = ExperimentRequest(run=store.name.removesuffix(".zarr"), experiment=Patching(
         answers=answers, decode=False, sites=[SiteGrid(kind="resid_pre", layers=[0])], positions=positions,
         pairs=pairs))
-    plan(store, request, model_info)  # seeds, positions, alignment: the executor's own checks
-    return request, chosen
+    # seeds, positions, alignment: the executor's own checks
+    return request, chosen, plan(store, request, model_info)
 
 
 def grid(model: LoadedModel, store: RunStore, pairs: list[tuple[int, int]], kinds: list[str],
          positions: list[str], answers: str = "model", layers: list[int] | str = "all") -> Grid:
     """Returns the sweep's grid; raises InterventionError (one line) for what cannot run."""
-    request, chosen = validate(store, model.info, pairs, kinds, positions, answers, layers)
+    request, chosen, p = validate(store, model.info, pairs, kinds, positions, answers, layers)
     if {"head_q", "head_k"} & set(kinds):
         _check_llama(model)
-    p = plan(store, request, model.info)
     names = expand(positions, store.attrs["dataset"]["n_examples"])
     spans = Spans(store)
     target = p.units[0].target
