@@ -35,7 +35,7 @@ def toys() -> None:
         subjects = lab.toy_subjects()
         trained = time.perf_counter() - t0
         for s in subjects:
-            card = lab.run_lab(s, lab.toy_bases(30), lab.lab_dir(out, lab.TOYS, s.name))
+            card = lab.run_lab(s, *lab.toy_bases(30)[:1], lab.lab_dir(out, lab.TOYS, s.name))
             ok = card["verdict"]["family"] == lab.TOY_TRUTH[s.name]
             print(f"  {s.name}: {card['verdict']['text']} [{'correct' if ok else 'WRONG'}]")
     print(f"toys: four verdicts from nothing in {time.perf_counter() - t0:.1f} s "

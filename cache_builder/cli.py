@@ -173,8 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     mc.add_argument("--toys", action="store_true", help="the toys: GD construction, softmax kernel head, lookup")
     mc.add_argument("--model", help="default: the run's model; random:<spec> for the random-init control")
     mc.add_argument("--seeds", type=int, default=30, help="the first N finished seeds (toys: N sampled tasks)")
-    mc.add_argument("--tests", default="agreement,weights,implicit,invariance",
-                    help="which of the verdict's tests to run (comma-separated)")
+    mc.add_argument("--tests", default="agreement,weights,implicit,invariance,loo,curves",
+                    help="which tests to run (comma-separated); the first four give the verdict")
     mc.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     mc.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     mc.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
@@ -405,8 +405,8 @@ def mechanism(args: argparse.Namespace) -> int:
     if unknown or not tests:
         raise CliError(f"unknown test {unknown[0] if unknown else ''!r}; known: {', '.join(lab.TESTS)}")
     if args.toys:
-        jobs = [(s, lab.toy_bases(args.seeds), lab.lab_dir(args.cache, lab.TOYS, s.name), None)
-                for s in lab.toy_subjects()]
+        bases, truths = lab.toy_bases(args.seeds)
+        jobs = [(s, bases, lab.lab_dir(args.cache, lab.TOYS, s.name), None, truths) for s in lab.toy_subjects()]
     else:
         from core.mechanism.lm import LMSubject
         from core.models import load_model
@@ -418,10 +418,11 @@ def mechanism(args: argparse.Namespace) -> int:
         spec = args.model or store.attrs["model"]["spec"]
         subject = LMSubject.of_run(load_model(spec, args.device, args.dtype), store, rows, name=spec)
         subject.check_tokenizer()
-        jobs = [(subject, subject.bases, lab.lab_dir(args.cache, store.name, spec), [store.seeds[r] for r in rows])]
-    for subject, bases, out, labels in jobs:
+        jobs = [(subject, subject.bases, lab.lab_dir(args.cache, store.name, spec), [store.seeds[r] for r in rows],
+                 store.y_true()[rows])]
+    for subject, bases, out, labels, truths in jobs:
         with fraction_bar(subject.name, args.quiet) as progress:
-            card = lab.run_lab(subject, bases, out, labels, tests, progress=progress)
+            card = lab.run_lab(subject, bases, out, labels, truths, tests, progress=progress)
         print(f"{subject.name}: {card['verdict']['text']}")
         for t in card["tests"]:
             tied = f"; indistinguishable from {t['tied_with']}" if t["tied_with"] else ""

@@ -33,8 +33,9 @@ N_TOY_SEEDS = 12
 @pytest.fixture(scope="module")
 def toy_cards(tmp_path_factory):
     out = tmp_path_factory.mktemp("toys")
-    bases = lab.toy_bases(N_TOY_SEEDS, seed=3)
-    return {s.name: lab.run_lab(s, bases, lab.lab_dir(out, lab.TOYS, s.name)) for s in lab.toy_subjects()}, out
+    bases, truths = lab.toy_bases(N_TOY_SEEDS, seed=3)
+    return {s.name: lab.run_lab(s, bases, lab.lab_dir(out, lab.TOYS, s.name), truths=truths)
+            for s in lab.toy_subjects()}, out
 
 
 def test_every_toy_reads_as_what_it_is_on_tests_1_3_5_6(toy_cards):
@@ -44,11 +45,40 @@ def test_every_toy_reads_as_what_it_is_on_tests_1_3_5_6(toy_cards):
         truth = lab.TOY_TRUTH[toy]
         assert card["verdict"]["family"] == truth, (toy, card["verdict"]["text"])
         winners = {t["test"]: t["winner"] for t in card["tests"]}
-        assert set(winners) == set(lab.TESTS)
+        assert set(winners) == set(lab.VERDICT_TESTS)
         # Every test names the right family, bar the kernel head's invariance (the
         # battery's edits move a kernel smoother and OLS alike on these tasks).
         wrong = [t for t, w in winners.items() if w != truth]
         assert wrong in ([], ["invariance"]) if toy == "softmax-kernel-head" else wrong == [], (toy, winners)
+
+
+def test_tests_2_4_7_read_the_toys_by_their_construction(toy_cards):
+    _, out = toy_cards
+    d = lambda toy: lab.lab_dir(out, lab.TOYS, toy)  # noqa: E731
+    bases, _ = lab.load_bases(d("lookup"))
+    truths = lab.load_truths(d("lookup"))
+    # Test 2: the kernel head is a Gaussian smoother of bandwidth sqrt(tau / 2); the
+    # GD construction one step at a fixed eta: each candidate fits them exactly.
+    kernel = lab.fitted_table(d("softmax-kernel-head")).set_index(["subject", "candidate"])
+    assert kernel.loc[("subject", "kernel"), "param"] == pytest.approx(np.sqrt(0.2 / 2), rel=1e-3)
+    assert kernel.loc[("subject", "kernel"), "r2_held"] == pytest.approx(1, abs=1e-6)
+    gd = lab.fitted_table(d("gd-construction")).set_index(["subject", "candidate"])
+    assert gd.loc[("subject", "gd"), "r2_held"] == pytest.approx(1, abs=1e-6)
+    # The control: the same fits to the truths (y_q = w.x_q), which one GD step explains only in part.
+    assert gd.loc[("truth", "gd"), "n_seeds"] == N_TOY_SEEDS and gd.loc[("truth", "gd"), "r2_held"] < 0.9
+    # Test 4: a recalled function never moves; the kernel head moves for the examples near the query.
+    moved = lab.loo_table(d("lookup")).set_index("subject")
+    assert moved.loc["lookup", "changed_share_mean"] == 0
+    near = lab.loo_table(d("softmax-kernel-head")).set_index("subject")
+    assert near.loc["softmax-kernel-head", "rank_distance_mean"] < -0.8
+    assert near.loc["mean", "changed_share_mean"] == 1  # the mean moves for every example
+    # Test 7: the mean of the first k examples' y against each seed's own truth, by numpy.
+    c = pd.read_csv(d("lookup") / "curves.csv").query("subject == 'mean'")
+    for row in c.itertuples():
+        assert row.error == pytest.approx(abs(bases[row.seed].y[: row.k].mean() - truths[row.seed]), abs=1e-12)
+    assert len(c) == N_TOY_SEEDS * 10
+    table = lab.curve_table(d("lookup")).set_index(["subject", "k"])
+    assert table.loc[("mean", 10), "error_mean"] == pytest.approx(c.query("k == 10")["error"].mean())
 
 
 def test_toy_cards_are_reproducible_from_the_saved_tables(toy_cards):
@@ -87,7 +117,7 @@ def test_verdict_names_the_closest_family_and_ties_what_the_data_cannot_separate
 
 
 def test_a_killed_lab_resumes_at_the_first_unsaved_seed(tmp_path):
-    bases = lab.toy_bases(4, seed=5)
+    bases, _ = lab.toy_bases(4, seed=5)
     calls: list[int] = []
 
     class Flaky:
@@ -177,12 +207,14 @@ def test_mechanism_page_shows_the_cards_and_a_tests_families(tiny_run, toy_cards
     shutil.copytree(toy_out / "mechanism" / lab.TOYS, cache / "mechanism" / lab.TOYS, dirs_exist_ok=True)
     # A subject whose algorithm is known (the last example's y) stands in for a model on the run.
     rows = [0, 1, 2]
-    lab.run_lab(regressor_subject("last"), run_tasks(store, rows), lab.lab_dir(cache, store.name, "last-control"),
-                [store.seeds[r] for r in rows])
+    last = PredictSubject("last-control", regressor_subject("last").fn)
+    tasks, truths = run_tasks(store, rows), store.y_true()[rows]
+    lab.run_lab(last, tasks, lab.lab_dir(cache, store.name, "last-control"), [store.seeds[r] for r in rows], truths)
     want = lab.card_of(lab.lab_dir(cache, store.name, "last-control"))
     assert want["verdict"]["family"] == "baseline"
     at = app_page("mechanism", {"WORKBENCH_CACHE": str(cache)}, run=store.name, subject="last-control",
                   test="weights")
+    assert not at.exception
     text = " ".join(m.value for m in at.markdown)
     assert want["verdict"]["text"] in text
     frames = [d.value for d in at.dataframe]
@@ -192,6 +224,19 @@ def test_mechanism_page_shows_the_cards_and_a_tests_families(tiny_run, toy_cards
     weights = next(t for t in want["tests"] if t["test"] == "weights")
     assert families.iloc[0]["family"] == weights["winner"]
     assert families.iloc[0]["distance"] == pytest.approx(weights["distance"])
+    # Tests 2, 4 and 7 beside the verdict, against the run's arrays: the last y explains
+    # itself (gd cannot), only dropping the last example moves it, and its error from the
+    # first k examples is |y_k - truth|.
+    fitted = next(f for f in frames if "candidate" in f.columns).set_index(["subject", "candidate"])
+    assert set(fitted.index.get_level_values(0)) == {"subject", "truth"}
+    loo = next(f for f in frames if "changed_share" in f.columns).set_index("subject")
+    assert loo.loc["last-control", "changed_share"].startswith(f"{1 / 6:.3g} [")
+    curve = next(m for m in at.get("multiselect") if m.label == "Curves")
+    assert "last-control" in curve.value
+    saved = pd.read_csv(lab.lab_dir(cache, store.name, "last-control") / "curves.csv").query(
+        "subject == 'last-control' and k == 2")
+    np.testing.assert_allclose(saved.sort_values("seed")["error"],
+                               np.abs(np.round([t.y[1] for t in tasks], 2) - truths), atol=1e-12)
 
 
 def _hf_logprob(model, tokens: np.ndarray, answer: list[int]) -> float:
@@ -215,20 +260,20 @@ def test_edited_prompts_teacher_force_two_answers_as_a_whole_forward_does(tiny, 
 
 
 def test_a_lab_extends_to_more_seeds_and_refuses_other_ones(tmp_path):
-    bases = lab.toy_bases(5, seed=7)
+    bases, _ = lab.toy_bases(5, seed=7)
     subject = regressor_subject("last")
     lab.run_lab(subject, bases[:3], tmp_path, tests=("agreement",))
     card = lab.run_lab(subject, bases, tmp_path, tests=("agreement",))
     assert sorted(pd.read_csv(tmp_path / "agreement.csv")["seed"]) == [0, 1, 2, 3, 4]
     assert lab.load_bases(tmp_path)[1] == [0, 1, 2, 3, 4] and card == lab.card_of(tmp_path)
     with pytest.raises(MechanismError, match="other seeds"):
-        lab.run_lab(subject, lab.toy_bases(5, seed=8), tmp_path, tests=("agreement",))
+        lab.run_lab(subject, lab.toy_bases(5, seed=8)[0], tmp_path, tests=("agreement",))
     with pytest.raises(MechanismError, match="other seeds"):
         lab.run_lab(subject, bases[:2], tmp_path, tests=("agreement",))
 
 
 def test_a_subject_without_numbers_gets_no_verdict(tmp_path):
     silent = PredictSubject("silent", lambda x, y, q: float("nan"))
-    card = lab.run_lab(silent, lab.toy_bases(3, seed=9), tmp_path)
+    card = lab.run_lab(silent, lab.toy_bases(3, seed=9)[0], tmp_path)
     assert card["verdict"]["family"] is None and "no numeric answers" in card["verdict"]["text"]
     assert {t["winner"] for t in card["tests"]} == {"no answers"}

@@ -2,12 +2,15 @@
 random-init model and the known-answer toys beside it. Reads the lab's saved tables
 (`python -m cache_builder mechanism`, `core.mechanism.lab`); never runs a model."""
 
+from pathlib import Path
+
 import altair as alt
 import pandas as pd
 import streamlit as st
 
 from app.common import cache_dir, chart, choose, download, header, pick_run
-from core.mechanism.lab import TESTS, TOY_TRUTH, TOYS, card_of, distances, lab_dirs, load_bases
+from core.mechanism.lab import (TESTS, TOY_TRUTH, TOYS, card_of, curve_table, distances, fitted_table, lab_dirs,
+                                load_bases, loo_table)
 from core.mechanism.subjects import FAMILIES
 from core.mechanism.verdict import family, family_verdict
 
@@ -31,6 +34,14 @@ def load_card(path: str, mtime: float) -> dict:
 @st.cache_data(show_spinner=False)
 def load_distances(path: str, mtime: float) -> pd.DataFrame:
     return distances(path)
+
+
+@st.cache_data(show_spinner=False)
+def load_extra(path: str, mtime: float) -> dict[str, pd.DataFrame]:
+    """Tests 2, 4 and 7 of what the subject's directory holds."""
+    files = {"fitted": ("agreement.csv", fitted_table), "loo": ("loo.csv", loo_table),
+             "curves": ("curves.csv", curve_table)}
+    return {t: fn(path) for t, (f, fn) in files.items() if (Path(path) / f).exists()}
 
 
 def _stamp(path) -> float:
@@ -111,3 +122,47 @@ raw = pd.read_csv(path / f"{test}.csv")
 with st.expander(f"The saved table ({test}.csv)"):
     st.dataframe(raw, hide_index=True)
     download(raw, f"mechanism-{test}-{subject}-raw", "raw table")
+
+st.divider()
+st.subheader(f"Beside the verdict: tests 2, 4 and 7 on {subject}")
+extra = load_extra(str(path), _stamp(path))
+if "fitted" in extra:
+    st.markdown("**2 · fitted algorithm parameters** — the one parameter of each candidate that best reproduces the "
+                "answers over the seeds (gd: the step eta of one GD step from w = 0; knn: k; kernel: the Gaussian "
+                "bandwidth h; `-std` on standardized features), fitted on one half of the seeds and scored on the "
+                "other (held-out R^2, 95% bootstrap interval). Rows `truth`: the same fits to the true values, the "
+                "control: how well each family could do at best.")
+    f = extra["fitted"]
+    st.dataframe(f.assign(**{"held-out R^2 [95% CI]": [_fmt(m, lo, hi) for m, lo, hi in
+                                                        zip(f["r2_held"], f["r2_held_low"], f["r2_held_high"])]})
+                 [["subject", "candidate", "param", "param_fold0", "param_fold1", "held-out R^2 [95% CI]",
+                   "n_seeds"]], hide_index=True)
+    download(f, f"mechanism-fitted-{subject}")
+if "loo" in extra:
+    st.markdown("**4 · leave one out** — drop example i and re-ask: the rank correlation of |change| with the "
+                "distance of x_i to the query (raw and on standardized features; strongly negative for a local "
+                "smoother, near zero for least squares and GD), the share of examples whose removal moves the "
+                "answer (0 for a recalled function, k/n for kNN), with 95% intervals over seeds.")
+    moved = extra["loo"]
+    values = ["rank_distance", "rank_distance_std", "changed_share", "mean_abs_change"]
+    st.dataframe(pd.DataFrame({"subject": moved["subject"], **{c: [_fmt(m, a, b) for m, a, b in zip(
+        moved[f"{c}_mean"], moved[f"{c}_low"], moved[f"{c}_high"])] for c in values}}), hide_index=True)
+    download(moved, f"mechanism-loo-{subject}")
+if "curves" in extra:
+    st.markdown("**7 · learning curves** — the error |answer - truth| from the first k examples (prefixes of the "
+                "same list), mean over seeds with its 95% interval.")
+    cv = extra["curves"].dropna(subset=["error_mean"])
+    names = list(dict.fromkeys(cv["subject"]))
+    picked = st.multiselect("Curves", names, default=[n for n in names if n == names[0] or n in
+                                                      ("mean", "lr-ols", "knn-std-k5", "gd-std-k1")],
+                            key="w:curves")
+    part = cv[cv["subject"].isin(picked)]
+    base = alt.Chart(part).encode(x=alt.X("k:Q", title="examples in the prompt"),
+                                  color=alt.Color("subject:N", title=None))
+    chart(base.mark_area(opacity=0.15).encode(y=alt.Y("error_low:Q", scale=alt.Scale(type="symlog"),
+                                                       title="error |answer - truth|"), y2="error_high:Q")
+          + base.mark_line(point=True).encode(y="error_mean:Q"))
+    download(extra["curves"], f"mechanism-curves-{subject}")
+if not extra:
+    st.info("No tables of tests 2, 4 or 7 for this subject yet: `python -m cache_builder mechanism` runs them "
+            "(`--tests loo,curves` adds them to an earlier run's tables).")

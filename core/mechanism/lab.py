@@ -1,11 +1,13 @@
 """The battery on one subject: every test, saved seed by seed, and its verdict card.
 
-`run_lab` runs the tests that feed the verdict (1 agreement, 3 effective weights,
-5 implicit function, 6 invariance) on a subject (a language model over a run's seeds, or a toy
+`run_lab` runs the tests on a subject (a language model over a run's seeds, or a toy
 over sampled tasks) with the reference estimators beside it, and writes each test's
 per-seed table to `<out>/<test>.csv` as seeds finish: a killed run resumes at the
-first seed a test has not saved. `<out>/card.json` holds the verdict once every test
-is done. Every number the Mechanism page shows is read from these files.
+first seed a test has not saved. Four tests feed the verdict (`VERDICT_TESTS`: 1
+agreement, 3 effective weights, 5 implicit function, 6 invariance); 4 leave-one-out and
+7 learning curves are run beside them, and 2 fitted parameters is fitted from test 1's
+answers and the truths (`fitted_table`). `<out>/card.json` holds the verdict once every
+test is done. Every number the Mechanism page shows is read from these files.
 """
 
 import json
@@ -17,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.mechanism import fitted, implicit, invariance
+from core.mechanism import curves, fitted, implicit, invariance, loo
 from core.mechanism.edits import rounded
 from core.mechanism.subjects import MechanismError, PredictSubject, Subject, Task, regressor_subject, toy_subject
 from core.mechanism.toys import GDConstruction, lookup_toy, sample_tasks, softmax_kernel_head, train_lsa
@@ -36,7 +38,8 @@ TOYS = "toys"  # the toys' results sit beside the runs' under cache/mechanism/
 WEIGHT_REL = 0.1  # test 3's perturbation, x the seed's y std
 SWEEP_SEEDS = 2  # the delta-sweep control (3 x WEIGHT_REL) runs on the first seeds only: it doubles test 3
 CURVE_POINTS = 21  # test 5's queries per seed: a grid over x (1-D) or random points in the examples' box
-TESTS = ("agreement", "weights", "implicit", "invariance")
+VERDICT_TESTS = ("agreement", "weights", "implicit", "invariance")
+TESTS = (*VERDICT_TESTS, "loo", "curves")
 
 
 def lab_dir(cache: str | Path, run: str, subject: str) -> Path:
@@ -79,45 +82,55 @@ def _answers(subject: Subject, k: int, task: Task) -> float:
     return float(subject.predict(k, [task])[0])
 
 
-def _agreement(subject: Subject, refs: list[Subject], k: int, task: Task) -> pd.DataFrame:
+def _agreement(subject: Subject, refs: list[Subject], k: int, task: Task, truth: float) -> pd.DataFrame:
     row = {"seed": k, "answer": _answers(subject, k, task), "y_mean": float(task.y.mean())}
     row.update({f"ref_{r.name}": _answers(r, k, task) for r in refs})
     return pd.DataFrame([row])
 
 
-def _weights(subject: Subject, refs: list[Subject], k: int, task: Task) -> pd.DataFrame:
+def _weights(subject: Subject, refs: list[Subject], k: int, task: Task, truth: float) -> pd.DataFrame:
     rels = (WEIGHT_REL, 3 * WEIGHT_REL) if k < SWEEP_SEEDS else (WEIGHT_REL,)
     table = weights_test([_Seed(s, k) for s in [subject, *refs]], [task], rels=rels,
                          references=[r.name for r in refs])
     return table.assign(seed=k)
 
 
-def _implicit(subject: Subject, refs: list[Subject], k: int, task: Task) -> pd.DataFrame:
+def _implicit(subject: Subject, refs: list[Subject], k: int, task: Task, truth: float) -> pd.DataFrame:
     q = (implicit.grid_1d(task, CURVE_POINTS) if task.x.shape[1] == 1
          else implicit.random_queries(task, CURVE_POINTS, np.random.default_rng([k, CURVE_POINTS])))
     return implicit.curves([_Seed(s, k) for s in [subject, *refs]], [task], [q]).assign(seed=k)
 
 
-def _invariance(subject: Subject, refs: list[Subject], k: int, task: Task) -> pd.DataFrame:
+def _invariance(subject: Subject, refs: list[Subject], k: int, task: Task, truth: float) -> pd.DataFrame:
     table = invariance.run([_Seed(s, k) for s in [subject, *refs]], [task], [r.name for r in refs], seed=k)
     return table.assign(seed=k, y_std=float(task.y.std()))
 
 
-_RUNNERS: dict[str, Callable[[Subject, list[Subject], int, Task], pd.DataFrame]] = {
+def _loo(subject: Subject, refs: list[Subject], k: int, task: Task, truth: float) -> pd.DataFrame:
+    return loo.changes([_Seed(s, k) for s in [subject, *refs]], [task]).assign(seed=k)
+
+
+def _curves(subject: Subject, refs: list[Subject], k: int, task: Task, truth: float) -> pd.DataFrame:
+    return curves.run([_Seed(s, k) for s in [subject, *refs]], [task], np.array([truth])).assign(seed=k)
+
+
+_RUNNERS: dict[str, Callable[[Subject, list[Subject], int, Task, float], pd.DataFrame]] = {
     "agreement": _agreement, "weights": _weights, "implicit": _implicit, "invariance": _invariance,
+    "loo": _loo, "curves": _curves,
 }
 
 
 def run_lab(subject: Subject, bases: Sequence[Task], out: str | Path, labels: Sequence[int] | None = None,
-            tests: Sequence[str] = TESTS, references: Sequence[str] = REFERENCES,
-            progress: Callable[[float, str], None] | None = None) -> dict:
-    """Runs `tests` on every base (`labels`: their run seeds), resuming from
-    `<out>/<test>.csv`; returns the card (also written to `<out>/card.json`): per test its
-    winner and ties, and the verdict."""
+            truths: Sequence[float] | None = None, tests: Sequence[str] = TESTS,
+            references: Sequence[str] = REFERENCES, progress: Callable[[float, str], None] | None = None) -> dict:
+    """Runs `tests` on every base (`labels`: their run seeds, `truths`: their queries'
+    true values, NaN where unknown), resuming from `<out>/<test>.csv`; returns the card
+    (also written to `<out>/card.json`): per verdict test its winner and ties, and the verdict."""
     say = progress or (lambda f, s: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_bases(out, bases, labels)
+    truths = np.full(len(bases), np.nan) if truths is None else np.asarray(truths, np.float64)
+    save_bases(out, bases, labels, truths)
     refs = reference_subjects(references)
     total, done = len(tests) * len(bases), 0
     for test in tests:
@@ -126,7 +139,7 @@ def run_lab(subject: Subject, bases: Sequence[Task], out: str | Path, labels: Se
         for k, task in enumerate(bases):
             if k not in have:
                 say(done / total, f"{test}: seed {k + 1}/{len(bases)}")
-                _append(path, _RUNNERS[test](subject, refs, k, task))
+                _append(path, _RUNNERS[test](subject, refs, k, task, float(truths[k])))
             done += 1
     card = card_of(out)
     (out / "card.json").write_text(json.dumps(card, indent=1, default=float))
@@ -142,21 +155,24 @@ def _append(path: Path, part: pd.DataFrame) -> None:
     tmp.replace(path)
 
 
-def save_bases(out: Path, bases: Sequence[Task], labels: Sequence[int] | None) -> None:
-    """Writes the bases (and their run seeds) to `<out>/bases.npz`. A directory holding a
-    prefix of them is extended (its saved tables stay true: more seeds are added); one
-    holding other bases is refused (its tables are about those)."""
+def save_bases(out: Path, bases: Sequence[Task], labels: Sequence[int] | None, truths: np.ndarray) -> None:
+    """Writes the bases, their run seeds and truths to `<out>/bases.npz`. A directory
+    holding a prefix of them is extended (its saved tables stay true: more seeds are
+    added); one holding other bases is refused (its tables are about those)."""
     arrays = {"x": np.stack([t.x for t in bases]), "y": np.stack([t.y for t in bases]),
               "q": np.stack([t.q for t in bases]),
-              "seeds": np.asarray(range(len(bases)) if labels is None else labels, dtype=np.int64)}
+              "seeds": np.asarray(range(len(bases)) if labels is None else labels, dtype=np.int64),
+              "truth": truths}
     path = out / "bases.npz"
     if path.exists():
         with np.load(path) as old:
             n = len(old["seeds"])
-            if n > len(bases) or not all(np.array_equal(old[k], v[:n]) for k, v in arrays.items()):
+            # Directories of earlier versions hold no truths: they gain them.
+            same = all(np.array_equal(old[k], v[:n], equal_nan=k == "truth") for k, v in arrays.items() if k in old)
+            if n > len(bases) or not same:
                 raise MechanismError(f"{out} holds the tables of other seeds; delete it or choose other --seeds")
-        if n == len(bases):
-            return
+            if n == len(bases) and "truth" in old:
+                return
     np.savez(path, **arrays)
 
 
@@ -164,6 +180,12 @@ def load_bases(out: str | Path) -> tuple[list[Task], list[int]]:
     """Returns the bases a lab directory's tables are about, and their run seeds."""
     with np.load(Path(out) / "bases.npz") as z:
         return [Task(x, y, q) for x, y, q in zip(z["x"], z["y"], z["q"])], z["seeds"].tolist()
+
+
+def load_truths(out: str | Path) -> np.ndarray:
+    """Returns the true values of the bases' queries (NaN where unknown)."""
+    with np.load(Path(out) / "bases.npz") as z:
+        return z["truth"] if "truth" in z else np.full(len(z["seeds"]), np.nan)
 
 
 def distances(out: str | Path) -> pd.DataFrame:
@@ -191,16 +213,45 @@ def distances(out: str | Path) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def fitted_table(out: str | Path) -> pd.DataFrame:
+    """Returns test 2 (`fitted.summary`) on the saved answers of test 1 and, as its control,
+    on the truths: per subject and candidate the fitted parameter and its held-out R^2."""
+    out = Path(out)
+    bases, _ = load_bases(out)
+    a = pd.read_csv(out / "agreement.csv").sort_values("seed")
+    seeds = a["seed"].to_numpy()
+    answers = {"subject": a["answer"].to_numpy()}
+    truths = load_truths(out)[seeds]
+    if np.isfinite(truths).all():
+        answers[fitted.TRUTH] = truths
+    return fitted.summary(fitted.fit_answers(answers, [bases[i] for i in seeds]))
+
+
+def loo_table(out: str | Path) -> pd.DataFrame:
+    """Returns test 4 (`loo.summary` of `loo.per_seed`) on the saved `loo.csv`: per subject
+    the rank correlation of |change| with distance to the query and the share of examples
+    whose removal moves the answer, with intervals over seeds."""
+    return loo.summary(loo.per_seed(pd.read_csv(Path(out) / "loo.csv")))
+
+
+def curve_table(out: str | Path) -> pd.DataFrame:
+    """Returns test 7 (`curves.summary`) on the saved `curves.csv`: per subject and number
+    of examples k the mean error with its interval over seeds."""
+    return curves.summary(pd.read_csv(Path(out) / "curves.csv"))
+
+
 def card_of(out: str | Path) -> dict:
     """Returns the verdict card of the saved tests: {"tests": [...], "verdict": {...}}."""
     table, overall = verdict(distances(out))
     return {"tests": table.to_dict(orient="records"), "verdict": overall}
 
 
-def toy_bases(n_seeds: int, seed: int = 0) -> list[Task]:
-    """Returns von Oswald et al.'s tasks (d = 10, N = 10) with values at the prompts' decimals."""
+def toy_bases(n_seeds: int, seed: int = 0) -> tuple[list[Task], np.ndarray]:
+    """Returns von Oswald et al.'s tasks (d = 10, N = 10) with values at the prompts'
+    decimals, and their queries' true values."""
     t = sample_tasks(n_seeds, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return [rounded(t.x[i].numpy(), t.y[i].numpy(), t.x_query[i].numpy()) for i in range(n_seeds)]
+    tasks = [rounded(t.x[i].numpy(), t.y[i].numpy(), t.x_query[i].numpy()) for i in range(n_seeds)]
+    return tasks, t.y_query.numpy()
 
 
 def toy_subjects(train_seed: int = 0) -> list[PredictSubject]:
