@@ -6,7 +6,9 @@ embedded model with the prompt's cache reused against 2n whole prefills, in one 
 - test 3 on the linear-ni11 demo store: the 2n edits y_i +- delta of each seed answered
   with `run_prompts` (the seed's KV cache up to each edited value reused) against the
   same 2n prompts prefilled and decoded whole (`greedy_answers`, batches of 4), on the
-  first `--seeds` seeds; both must give the same answers.
+  first `--seeds` seeds; both must give the same answers;
+- tests 4 and 7 the same way: the n dropped examples and n prefixes of each seed, prompts
+  of other lengths that start on the seed's KV cache where they part from it.
 
     PYTHONPATH=. .venv/bin/python bench/bench_mechanism.py [--cache cache] [--seeds 3] [--skip-toys]
 """
@@ -18,8 +20,8 @@ import time
 import numpy as np
 
 from core.generation import greedy_answers
-from core.mechanism import lab
-from core.mechanism.edits import y_step
+from core.mechanism import lab, loo
+from core.mechanism.edits import prefix, y_step
 from core.mechanism.lm import LMSubject
 from core.mechanism.weights import perturbed
 from core.models import load_model
@@ -42,7 +44,14 @@ def toys() -> None:
           f"(training the LSA {trained:.1f} s; goal < 120 s)")
 
 
-def weights(cache: str, n_seeds: int) -> None:
+def edits_of(test: str, task):
+    """The edits a test asks the model about on one seed."""
+    if test == "weights":
+        return perturbed(task, y_step(task, lab.WEIGHT_REL))
+    return loo.edits(task)[1:] + [prefix(task, k) for k in range(1, task.n + 1)]  # 4 and 7: other lengths
+
+
+def reuse_vs_whole(cache: str, n_seeds: int, test: str) -> None:
     store = RunStore.open(f"{cache}/{RUN}.zarr")
     model = load_model(store.attrs["model"]["spec"])
     subject = LMSubject.of_run(model, store, list(range(n_seeds)))
@@ -50,7 +59,7 @@ def weights(cache: str, n_seeds: int) -> None:
     reuse = whole = 0.0
     n_prompts = 0
     for k, task in enumerate(subject.bases):
-        tasks = perturbed(task, y_step(task, lab.WEIGHT_REL))
+        tasks = edits_of(test, task)
         t0 = time.perf_counter()
         got = subject.predict(k, tasks)
         t1 = time.perf_counter()
@@ -62,8 +71,9 @@ def weights(cache: str, n_seeds: int) -> None:
         reuse, whole, n_prompts = reuse + t1 - t0, whole + t2 - t1, n_prompts + len(tasks)
         print(f"  seed {store.seeds[k]}: {len(tasks)} edits, reused {t1 - t0:.1f} s, whole {t2 - t1:.1f} s, "
               f"same answers: {same}")
-    print(f"test 3, {RUN}, {n_seeds} seeds x {n_prompts // n_seeds} edits ({store.attrs['prompt']['n_tokens']} tokens):"
-          f" reused {reuse:.1f} s, whole prefills {whole:.1f} s: {whole / reuse:.2f}x faster "
+    what = "test 3" if test == "weights" else "tests 4 + 7 (dropped examples, prefixes)"
+    print(f"{what}, {RUN}, {n_seeds} seeds x {n_prompts // n_seeds} edits ({store.attrs['prompt']['n_tokens']} "
+          f"tokens): reused {reuse:.1f} s, whole prefills {whole:.1f} s: {whole / reuse:.2f}x faster "
           f"({reuse / n_prompts:.2f} s per edit)")
 
 
@@ -75,7 +85,8 @@ def main() -> None:
     args = ap.parse_args()
     if not args.skip_toys:
         toys()
-    weights(args.cache, args.seeds)
+    for test in ("weights", "loo-curves"):
+        reuse_vs_whole(args.cache, args.seeds, test)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from cache_builder.build import BuildSpec, build
 from cache_builder.cli import main as cli
 from core.interventions.executor import run_prompts
 from core.mechanism import lab
-from core.mechanism.edits import drop, perturb_y, shuffle_y
+from core.mechanism.edits import drop, perturb_y, prefix, shuffle_y
 from core.mechanism.lm import LMSubject, run_tasks
 from core.mechanism.subjects import MechanismError, PredictSubject, Task, regressor_subject
 from core.mechanism.verdict import TIE, family_verdict, verdict
@@ -162,13 +162,15 @@ def test_edited_prompts_reuse_the_cache_and_equal_whole_prompt_greedy_decoding(t
     subject = LMSubject.of_run(tiny, store)
     subject.check_tokenizer()
     base = subject.bases[1]
+    # Other lengths start on the base's cache where they part from it: early, late, and
+    # a prefix of the examples (the query follows at once).
     tasks = [base, perturb_y(base, 2, 1.0), perturb_y(base, 5, -3.0), shuffle_y(base, np.random.default_rng(0)),
-             drop(base, 0)]
+             drop(base, 0), drop(base, base.n - 1), prefix(base, 3)]
     prompts = [subject.prompt(t) for t in tasks]
     assert np.array_equal(prompts[0], store.tokens(store.seeds.index(1)))
-    assert [len(p) == len(prompts[0]) for p in prompts] == [True, True, True, True, False]
+    assert [len(p) == len(prompts[0]) for p in prompts] == [True] * 4 + [False] * 3
     got = subject.predict(1, tasks)
-    assert subject.changed_length == 1
+    assert subject.changed_length == 3
     max_new = int(store.attrs["prompt"]["max_new_tokens"])
     want = [_hf_greedy(tiny, p, max_new) for p in prompts]
     np.testing.assert_array_equal(np.nan_to_num(got, nan=-1e9), np.nan_to_num(want, nan=-1e9))
@@ -250,13 +252,15 @@ def test_edited_prompts_teacher_force_two_answers_as_a_whole_forward_does(tiny, 
     _, store = tiny_run
     subject = LMSubject.of_run(tiny, store)
     base = subject.bases[0]
-    prompts = [subject.prompt(t) for t in (base, perturb_y(base, 3, 2.0), drop(base, 1))]
+    prompts = [subject.prompt(t) for t in (base, perturb_y(base, 3, 2.0), drop(base, 1), prefix(base, 2),
+                                            drop(base, base.n - 1))]
     encode = lambda s: tiny.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-    answers = [(encode("12.5"), encode("-3.25")), (encode("7.00"), encode("7.50")), (encode("1"), encode("100"))]
+    answers = [(encode("12.5"), encode("-3.25")), (encode("7.00"), encode("7.50")), (encode("1"), encode("100")),
+               (encode("0.5"), encode("2")), (encode("-1"), encode("1"))]
     out = run_prompts(tiny, subject.tokens[0], prompts, 4, answers=answers)
     for o, p, (a, b) in zip(out, prompts, answers):
         assert o["logprob_diff"] == pytest.approx(_hf_logprob(tiny, p, a) - _hf_logprob(tiny, p, b), abs=1e-4)
-    assert [o["reused"] for o in out] == [True, True, False]
+    assert [o["reused"] for o in out] == [True, True, False, False, False]
 
 
 def test_a_lab_extends_to_more_seeds_and_refuses_other_ones(tmp_path):

@@ -82,11 +82,13 @@ def _shape(model: LoadedModel) -> tuple[int, int, int]:
 
 @torch.inference_mode()
 def clean_runs(model: LoadedModel, tokens: list[np.ndarray], keep_from: list[int | None], at: np.ndarray,
-               kinds: set[str]) -> list[Clean]:
+               kinds: set[str], prefix: Clean | None = None, shared: list[int] | None = None) -> list[Clean]:
     """Returns each prompt's clean run (prompts of equal length run as one batch).
 
     `keep_from[i]`: keep prompt i's KV cache and residual stream from that position
-    (None: only its activations at `at`, for a source or a mean).
+    (None: only its activations at `at`, for a source or a mean). `prefix`, a clean run
+    with its whole KV cache, and `shared[i]`, how many leading tokens prompt i has in
+    common with it: prompt i's run starts there on that cache, as causality allows.
     """
     layers = _layers(model)
     n_layers, n_heads, d_head = _shape(model)
@@ -100,21 +102,28 @@ def clean_runs(model: LoadedModel, tokens: list[np.ndarray], keep_from: list[int
             batch = idx[lo: lo + size]
             ids = torch.as_tensor(np.stack([tokens[i] for i in batch]), dtype=torch.long, device=model.device)
             p0 = min((keep_from[i] for i in batch if keep_from[i] is not None), default=None)
-            for i, clean in zip(batch, _clean_batch(model, layers, ids, p0, at, kinds, n_layers, n_heads, d_head)):
+            # Every kept or read position must be computed, and at least the last one.
+            start = 0 if prefix is None else min(shared[i] for i in batch)
+            start = min(start, ids.shape[1] - 1, *([p0] if p0 is not None else []), *at[:1].tolist())
+            kv = None if start == 0 else [tuple(t[:, :start].expand(len(batch), -1, -1, -1) for t in layer)
+                                          for layer in prefix.kv]
+            for i, clean in zip(batch, _clean_batch(model, layers, ids, p0, at, kinds, n_layers, n_heads, d_head,
+                                                    kv, start)):
                 keep = keep_from[i] is not None
                 out[i] = Clean(clean.kv if keep else None, clean.resid if keep else None, clean.p0, clean.vals, at)
     return out
 
 
-def _clean_batch(model, layers, ids, p0, at, kinds, n_layers, n_heads, d_head) -> list[Clean]:
+def _clean_batch(model, layers, ids, p0, at, kinds, n_layers, n_heads, d_head, kv=None, start=0) -> list[Clean]:
+    # kv: the KV cache of positions < start, which the forward then skips.
     b = ids.shape[0]
-    at_t = torch.as_tensor(at, dtype=torch.long, device=model.device)
+    at_t = torch.as_tensor(at - start, dtype=torch.long, device=model.device)
     resid: list[Tensor | None] = [None] * (n_layers + 1)
     vals: dict[str, list] = {k: [None] * (n_layers + 1 if k == "resid_pre" else n_layers) for k in kinds}
 
     def keep_resid(i: int, h: Tensor) -> None:
         if p0 is not None:
-            resid[i] = h[:, p0:].clone()  # a view would keep the layer's whole [b, T, d] input alive
+            resid[i] = h[:, p0 - start:].clone()  # a view would keep the layer's whole [b, T, d] input alive
         if "resid_pre" in kinds:
             vals["resid_pre"][i] = h[:, at_t]
 
@@ -132,9 +141,9 @@ def _clean_batch(model, layers, ids, p0, at, kinds, n_layers, n_heads, d_head) -
                 lambda m, a, i=i: vals["head"].__setitem__(i, a[0][:, at_t].unflatten(-1, (n_heads, d_head)))))
     handles.append(layers[-1].register_forward_hook(
         lambda m, a, r: keep_resid(n_layers, r[0] if isinstance(r, tuple) else r)))
-    cache = DynamicCache()
+    cache = DynamicCache(ddp_cache_data=kv)
     try:
-        model.hf_model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model.hf_model(input_ids=ids[:, start:], past_key_values=cache, use_cache=True, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
@@ -358,6 +367,13 @@ def _decode(model: LoadedModel, jobs: list[Job], cache: DynamicCache, final: Ten
 
 
 @torch.inference_mode()
+def _shared(a: np.ndarray, b: np.ndarray) -> int:
+    """Returns the number of leading tokens two prompts have in common."""
+    m = min(len(a), len(b))
+    differ = np.nonzero(a[:m] != b[:m])[0]
+    return int(differ[0]) if len(differ) else m
+
+
 def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[np.ndarray], max_new_tokens: int,
                 answers: list[tuple[list[int], list[int]]] | None = None,
                 progress: Callable[[float, str], None] | None = None) -> list[dict]:
@@ -368,7 +384,8 @@ def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[n
     Prompts are edits of `base`. One of the base's length is run as a patch of the
     residual stream entering layer 0 (its token embeddings where its tokens differ):
     the base's clean KV cache serves every position before its first differing token,
-    so only the rest is recomputed. A prompt of another length is run whole.
+    so only the rest is recomputed. A prompt of another length gets its own clean run,
+    started on the base's KV cache at its first token that differs from the base's.
     """
     say = progress or (lambda f, s: None)
     n_layers = len(_layers(model))
@@ -390,14 +407,16 @@ def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[n
     per_group = max(1, CLEAN_KV_BYTES // max(model.kv_bytes_per_token * t, 1))
     others = [i for i in range(len(prompts)) if len(prompts[i]) != t]
     groups = ([same] if same else []) + [others[g: g + per_group] for g in range(0, len(others), per_group)]
+    none = np.zeros(0, dtype=np.int64)
+    p0 = min((int(diffs[i][0]) for i in same if len(diffs[i])), default=t - 1)
+    base_run = clean_runs(model, [base], [p0], none, set())[0]
     for g, group in enumerate(groups):
         say(g / len(groups), f"group {g + 1}/{len(groups)}: {len(group)} prompts")
         if group is same:
-            p0 = min((int(diffs[i][0]) for i in same if len(diffs[i])), default=t - 1)
-            clean = {-1: clean_runs(model, [base], [p0], np.zeros(0, dtype=np.int64), set())[0]}
+            clean = {-1: base_run}
         else:
-            runs = clean_runs(model, [prompts[i] for i in group], [len(prompts[i]) - 1 for i in group],
-                              np.zeros(0, dtype=np.int64), set())
+            runs = clean_runs(model, [prompts[i] for i in group], [len(prompts[i]) - 1 for i in group], none, set(),
+                              prefix=base_run, shared=[_shared(prompts[i], base) for i in group])
             clean = dict(zip(group, runs))
             jobs.update({i: Job(i, n_layers, len(prompts[i]) - 1, answers=pairs[i]) for i in group})
         run_by_length(model, [jobs[i] for i in group], clean,

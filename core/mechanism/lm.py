@@ -3,9 +3,10 @@
 `LMSubject` writes each task in the run's prompt format (its template and number
 format: two decimals, integer digits padded to the run's widths), and answers a
 batch of edits of one seed with `core.interventions.executor.run_prompts`: an edit that
-keeps the token count reuses the seed's clean KV cache up to its first changed token;
-one that changes it (a dropped example, a wider number, an added feature) is run
-whole and counted in `changed_length`.
+keeps the token count reuses the seed's clean KV cache up to its first changed token
+and is patched from there; one that changes it (a dropped example, a wider number, an
+added feature) gets a clean run of its own, started on the seed's KV cache at its first
+token that differs, and is counted in `changed_length`.
 """
 
 from collections.abc import Callable, Sequence
@@ -51,7 +52,7 @@ class LMSubject:
     bases: list[Task]
     tokens: list[Int[np.ndarray, " T"]]  # each base's prompt as the run tokenized it
     name: str = ""
-    changed_length: int = 0  # prompts that could not reuse their base's cache
+    changed_length: int = 0  # prompts of another length than their base's
     prompts_run: int = 0
     progress: Callable[[float, str], None] | None = None
     _fmt: NumberFormat = field(init=False)
