@@ -30,14 +30,13 @@ def tree_mask(tries: list[Trie], key_mask: Int[Tensor, "b T"], width: int) -> Bo
 
 @dataclass
 class TreeActs:
-    """Activations (float32) at each trie's branching nodes [b, B, ...], and the logits
-    (the model's dtype) with their log-normaliser at every node [b, N]."""
+    """Activations (float32) at each trie's branching nodes [b, B, ...], and the final-normed
+    hidden state at every node [b, N, d] (the model's dtype)."""
 
     resid: Float[Tensor, "b B Lp1 d"]
     z: Float[Tensor, "b B L H dh"]
     mlp: Float[Tensor, "b B L d"]
-    logits: Float[Tensor, "b N vocab"]
-    log_norm: Float[Tensor, "b N"]
+    normed: Float[Tensor, "b N d"]
 
 
 def _tree_forward(model: LoadedModel, tries: list[Trie], cache: DynamicCache, key_mask: Int[Tensor, "b T"],
@@ -78,14 +77,13 @@ def _tree_forward(model: LoadedModel, tries: list[Trie], cache: DynamicCache, ke
     handles.append(layers[-1].register_forward_hook(
         lambda m, a, r: keep("resid", len(layers), r[0] if isinstance(r, tuple) else r)))
     try:
-        out = hf(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                 past_key_values=cache, use_cache=True)
+        out = hf.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                       past_key_values=cache, use_cache=True)
     finally:
         for h in handles:
             h.remove()
-    log_norm = torch.stack([torch.logsumexp(row.float(), -1) for row in out.logits])  # one seed at a time
     return TreeActs(resid=torch.stack(got["resid"], 2), z=torch.stack(got["z"], 2), mlp=torch.stack(got["mlp"], 2),
-                    logits=out.logits, log_norm=log_norm)
+                    normed=out.last_hidden_state)
 
 
 @torch.inference_mode()
@@ -128,6 +126,8 @@ def teacher_force(model: LoadedModel, tries: list[Trie], cache: DynamicCache, ke
                          for l, layer in enumerate(hf.model.layers)], 1)  # [E, L, H]
     out, first = [], 0
     for i, trie in enumerate(tries):
+        # One seed's nodes at a time, unembedded in float32 (`LoadedModel.logprobs`).
+        logp = model.logprobs(acts.normed[i])
         c = len(trie.tokens)
         tokens = np.full((c, n_steps), -1, dtype=np.int32)
         logprob = np.full((c, n_steps), np.nan, dtype=np.float32)
@@ -138,7 +138,7 @@ def teacher_force(model: LoadedModel, tries: list[Trie], cache: DynamicCache, ke
                 continue
             tokens[k, : len(seq)] = seq
             node, tok = torch.as_tensor(steps), torch.as_tensor(seq)
-            logprob[k, : len(seq)] = (acts.logits[i, node, tok].float() - acts.log_norm[i, node]).cpu().numpy()
+            logprob[k, : len(seq)] = logp[node, tok].float().cpu().numpy()
             edge[k, : len(seq)] = [index.get((n, t), -1) for n, t in zip(steps, seq)]
         mine = slice(first, first + len(trie.edges))
         first = mine.stop
