@@ -15,6 +15,7 @@ import torch
 
 from cache_builder.build import BuildSpec, build
 from cache_builder.cli import main as cli
+from core.datasets import Sample
 from core.interventions.executor import run_prompts
 from core.mechanism import lab
 from core.mechanism.edits import drop, perturb_y, prefix, shuffle_y
@@ -22,7 +23,8 @@ from core.mechanism.lm import LMSubject, run_tasks
 from core.mechanism.subjects import MechanismError, PredictSubject, Task, regressor_subject
 from core.mechanism.verdict import TIE, family_verdict, verdict
 from core.mechanism.weights import knn_weights, ols_weights, subject_weights
-from core.prompts import parse_number
+from core.models import load_model
+from core.prompts import NumberFormat, parse_number, prompt_text
 from core.store import RunStore
 from support import app_page
 
@@ -219,6 +221,11 @@ def test_mechanism_page_shows_the_cards_and_a_tests_families(tiny_run, toy_cards
     assert not at.exception
     text = " ".join(m.value for m in at.markdown)
     assert want["verdict"]["text"] in text
+    # Test 3's noise floor: the last y's answer moves delta / n on average under the +-delta
+    # edits (one weight of 1 among n), and not at all for a non-numeric token.
+    deltas = pd.read_csv(lab.lab_dir(cache, store.name, "last-control") / "weights.csv").query(
+        f"subject == 'last-control' and rel == {lab.WEIGHT_REL}")["delta"]
+    assert f"moves {deltas.mean() / 6:.3g} [" in text and "and 0 [0, 0] when" in text
     frames = [d.value for d in at.dataframe]
     toys = next(f for f in frames if "toy" in f.columns)
     assert toys["correct"].all() and len(toys) == len(lab.TOY_TRUTH)
@@ -281,3 +288,34 @@ def test_a_subject_without_numbers_gets_no_verdict(tmp_path):
     card = lab.run_lab(silent, lab.toy_bases(3, seed=9)[0], tmp_path)
     assert card["verdict"]["family"] is None and "no numeric answers" in card["verdict"]["text"]
     assert {t["winner"] for t in card["tests"]} == {"no answers"}
+
+
+def test_the_noise_floor_edit_equals_greedy_decoding_of_the_lower_cased_prompt(tmp_path):
+    model = load_model("smollm2-135m")
+    spec = BuildSpec("smollm2-135m", "linear-ni11", 4, [0, 1], regressors=["mean"], batch_size=2, acts="none")
+    store = RunStore.open(build(spec, tmp_path, progress=False, model=model))
+    subject = LMSubject.of_run(model, store)
+    max_new = int(store.attrs["prompt"]["max_new_tokens"])
+    fmt = NumberFormat(store.attrs["prompt"]["format"], tuple(store.attrs["prompt"]["int_digits"]))
+    for k, task in enumerate(subject.bases):
+        got = subject.non_numeric_changes(k)
+        # Independently: the prompt's text with the i-th example's "Output:" lower-cased, tokenized whole.
+        text = prompt_text(Sample(-1, task.x, task.y, task.q, float("nan")), fmt)
+        head, examples = text.split("\n\n\n\n\n", 1)
+        parts = examples.split("Output:")
+        base = _hf_greedy(model, np.asarray(model.tokenizer(text)["input_ids"]), max_new)
+        want = []
+        for i in range(task.n):
+            edited = head + "\n\n\n\n\n" + "".join(p + ("output:" if j == i else "Output:")
+                                                   for j, p in enumerate(parts[:-1])) + parts[-1]
+            want.append(_hf_greedy(model, np.asarray(model.tokenizer(edited)["input_ids"]), max_new) - base)
+        assert np.isfinite(want).all()
+        np.testing.assert_allclose(got, want, atol=1e-9)
+    # Lab level: the noise rows, and test 3's mean move against them.
+    out = tmp_path / "lab"
+    lab.run_lab(subject, subject.bases, out, tests=("weights", "noise"))
+    noise = lab.noise_table(out)
+    w = pd.read_csv(out / "weights.csv").query(f"subject == 'smollm2-135m' and rel == {lab.WEIGHT_REL}")
+    np.testing.assert_allclose(noise["shift"], w["abs_total"] / 4 * w["delta"])
+    saved = pd.read_csv(out / "noise.csv")
+    np.testing.assert_allclose(noise["floor"], saved.groupby("seed")["change"].apply(lambda c: c.abs().mean()))

@@ -9,8 +9,9 @@ import pandas as pd
 import streamlit as st
 
 from app.common import cache_dir, chart, choose, download, header, pick_run
+from core.mechanism.battery import summarize
 from core.mechanism.lab import (TESTS, TOY_TRUTH, TOYS, card_of, curve_table, distances, fitted_table, lab_dirs,
-                                load_bases, loo_table)
+                                load_bases, loo_table, noise_table)
 from core.mechanism.subjects import FAMILIES
 from core.mechanism.verdict import family, family_verdict
 
@@ -34,6 +35,11 @@ def load_card(path: str, mtime: float) -> dict:
 @st.cache_data(show_spinner=False)
 def load_distances(path: str, mtime: float) -> pd.DataFrame:
     return distances(path)
+
+
+@st.cache_data(show_spinner=False)
+def load_noise(path: str, mtime: float) -> pd.DataFrame:
+    return noise_table(path)
 
 
 @st.cache_data(show_spinner=False)
@@ -112,6 +118,19 @@ st.markdown(f"**{TEST_LABELS[test]}** — per family its best member's distance 
             "the tie tolerance.")
 st.dataframe(families.assign(about=families["family"].map(lambda f: FAMILIES.get(f, ""))), hide_index=True)
 download(families, f"mechanism-{test}-{subject}")
+if test == "weights":
+    if (path / "noise.csv").exists():
+        noise = load_noise(str(path), _stamp(path))
+        if len(noise):
+            sm = summarize(noise.assign(subject=subject), ["shift", "floor"]).iloc[0]
+            st.markdown(f"**Noise floor** over {len(noise)} seeds: the answer moves "
+                        f"{_fmt(sm['shift_mean'], sm['shift_low'], sm['shift_high'])} under the +-delta edits of the "
+                        f"y's, and {_fmt(sm['floor_mean'], sm['floor_low'], sm['floor_high'])} when one example's "
+                        "`Output` is written `output` (a non-numeric token): weights whose moves are near the floor "
+                        "are noise.")
+            download(noise, f"mechanism-noise-{subject}", "noise floor per seed")
+    else:
+        st.caption("No noise-floor control saved for this subject (`--tests noise`).")
 part = dist[dist["test"] == test].assign(family=lambda d: d["reference"].map(family))
 chart(alt.Chart(part).mark_boxplot(extent="min-max").encode(
     x=alt.X("distance", title="distance per seed"),

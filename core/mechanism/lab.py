@@ -4,9 +4,10 @@
 over sampled tasks) with the reference estimators beside it, and writes each test's
 per-seed table to `<out>/<test>.csv` as seeds finish: a killed run resumes at the
 first seed a test has not saved. Four tests feed the verdict (`VERDICT_TESTS`: 1
-agreement, 3 effective weights, 5 implicit function, 6 invariance); 4 leave-one-out and
-7 learning curves are run beside them, and 2 fitted parameters is fitted from test 1's
-answers and the truths (`fitted_table`). `<out>/card.json` holds the verdict once every
+agreement, 3 effective weights, 5 implicit function, 6 invariance); test 3's noise floor
+(`noise`: a non-numeric token changed), 4 leave-one-out and 7 learning curves are run
+beside them, and 2 fitted parameters is fitted from test 1's answers and the truths
+(`fitted_table`). `<out>/card.json` holds the verdict once every
 test is done. Every number the Mechanism page shows is read from these files.
 """
 
@@ -39,7 +40,7 @@ WEIGHT_REL = 0.1  # test 3's perturbation, x the seed's y std
 SWEEP_SEEDS = 2  # the delta-sweep control (3 x WEIGHT_REL) runs on the first seeds only: it doubles test 3
 CURVE_POINTS = 21  # test 5's queries per seed: a grid over x (1-D) or random points in the examples' box
 VERDICT_TESTS = ("agreement", "weights", "implicit", "invariance")
-TESTS = (*VERDICT_TESTS, "loo", "curves")
+TESTS = (*VERDICT_TESTS, "noise", "loo", "curves")
 
 
 def lab_dir(cache: str | Path, run: str, subject: str) -> Path:
@@ -106,6 +107,13 @@ def _invariance(subject: Subject, refs: list[Subject], k: int, task: Task, truth
     return table.assign(seed=k, y_std=float(task.y.std()))
 
 
+def _noise(subject: Subject, refs: list[Subject], k: int, task: Task, truth: float) -> pd.DataFrame:
+    # Only a language model reads tokens: any other subject's answer cannot move.
+    read = getattr(subject, "non_numeric_changes", None)
+    change = read(k) if read is not None else np.zeros(task.n)
+    return pd.DataFrame({"seed": k, "example": np.arange(task.n), "change": change})
+
+
 def _loo(subject: Subject, refs: list[Subject], k: int, task: Task, truth: float) -> pd.DataFrame:
     return loo.changes([_Seed(s, k) for s in [subject, *refs]], [task]).assign(seed=k)
 
@@ -116,7 +124,7 @@ def _curves(subject: Subject, refs: list[Subject], k: int, task: Task, truth: fl
 
 _RUNNERS: dict[str, Callable[[Subject, list[Subject], int, Task, float], pd.DataFrame]] = {
     "agreement": _agreement, "weights": _weights, "implicit": _implicit, "invariance": _invariance,
-    "loo": _loo, "curves": _curves,
+    "noise": _noise, "loo": _loo, "curves": _curves,
 }
 
 
@@ -225,6 +233,22 @@ def fitted_table(out: str | Path) -> pd.DataFrame:
     if np.isfinite(truths).all():
         answers[fitted.TRUTH] = truths
     return fitted.summary(fitted.fit_answers(answers, [bases[i] for i in seeds]))
+
+
+def noise_table(out: str | Path) -> pd.DataFrame:
+    """Returns test 3's noise floor per seed: `shift`, the mean |answer move| under the
+    +-delta edits of the y's (mean |w_i| x delta), `floor`, the mean |answer move| when a
+    non-numeric token of an example is changed (`noise.csv`), and `ratio` = shift / floor."""
+    out = Path(out)
+    w = pd.read_csv(out / "weights.csv")
+    w = w[(w["subject"] == w["subject"].iloc[0]) & (w["rel"] == WEIGHT_REL)]
+    bases, _ = load_bases(out)
+    n = np.array([bases[s].n for s in w["seed"]])
+    floor = pd.read_csv(out / "noise.csv").assign(change=lambda d: d["change"].abs()).groupby("seed")["change"].mean()
+    table = pd.DataFrame({"seed": w["seed"].to_numpy(), "shift": (w["abs_total"] / n * w["delta"]).to_numpy()})
+    table["floor"] = table["seed"].map(floor)
+    table["ratio"] = table["shift"] / table["floor"]
+    return table.dropna(subset=["floor"]).reset_index(drop=True)
 
 
 def loo_table(out: str | Path) -> pd.DataFrame:

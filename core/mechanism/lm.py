@@ -23,6 +23,9 @@ from core.prompts import NumberFormat, int_digits, parse_number, prompt_text
 from core.store import RunStore
 
 
+NOISE_WORD = "Output"  # the examples' label, written in lower case by the noise-floor edit
+
+
 def run_tasks(store: RunStore, rows: list[int]) -> list[Task]:
     """Returns the run's seeds at these store rows as tasks."""
     r = store.root
@@ -83,9 +86,26 @@ class LMSubject:
 
     def predict(self, base: int, tasks: Sequence[Task]) -> Float[np.ndarray, " m"]:
         """Returns the model's greedy answer (as a number, NaN if none) to each task."""
-        prompts = [self.prompt(t) for t in tasks]
+        return self._answers(base, [self.prompt(t) for t in tasks])
+
+    def _answers(self, base: int, prompts: list[Int[np.ndarray, " T"]]) -> Float[np.ndarray, " m"]:
         out = run_prompts(self.model, self.tokens[base], prompts, int(self.store.attrs["prompt"]["max_new_tokens"]),
                           progress=self.progress)
         self.prompts_run += len(prompts)
         self.changed_length += sum(not o["reused"] for o in out)
         return np.array([parse_number(o["decoded_text"]) for o in out], dtype=np.float64)
+
+    def non_numeric_changes(self, base: int) -> Float[np.ndarray, " n"]:
+        """Returns, per example i, how far the answer moves when example i's `Output` is
+        written `output`: a non-numeric token, the token count kept (test 3's noise
+        floor). NaN where the tokenizer does not write both words as one token each."""
+        n = self.bases[base].n
+        word, lower, colon = (self.model.tokenizer.encode(w, add_special_tokens=False)
+                              for w in (NOISE_WORD, NOISE_WORD.lower(), ":"))
+        tokens = self.tokens[base]
+        at = [i for i in range(len(tokens) - 1) if [tokens[i]] == word and [tokens[i + 1]] == colon][:n]
+        if len(word) != 1 or len(lower) != 1 or len(colon) != 1 or len(at) != n:
+            return np.full(n, np.nan)
+        prompts = [tokens] + [np.where(np.arange(len(tokens)) == i, lower[0], tokens) for i in at]
+        a = self._answers(base, prompts)
+        return a[1:] - a[0]
