@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("--csv", action="store_true", help="print CSV (every estimator's row) instead of a table")
     ex = sub.add_parser("export", help="write one of the app's tables as CSV (README: 'Exporting')")
     ex.add_argument("run", help="store path or name under --cache")
-    ex.add_argument("table", help=", ".join([*EXPORTS, *EXPERIMENT_TABLES]))
+    ex.add_argument("table", help=", ".join([*EXPORTS, *EXPERIMENT_TABLES, "mechanism-<lab table>"]))
     ex.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ex.add_argument("--pair", default=f"{TRUTH},{MODEL_COLUMN}", help="A,B: candidates of the logit difference")
     ex.add_argument("--subset", default="all", help=", ".join(SUBSETS))
@@ -128,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--layer", type=int, default=0, help="the layer of the attention table")
     ex.add_argument("--experiment", help="HASH (or a unique prefix) of a finished experiment: the "
                     "experiment-summary and experiment-rows tables")
+    ex.add_argument("--subject", help="the mechanism tables' subject: its --model (default: the run's model)")
     ex.add_argument("--out", help="CSV file (default: standard output)")
     info = sub.add_parser("info", help="describe a run store")
     info.add_argument("run")
@@ -239,8 +240,11 @@ def export(store: RunStore, args: argparse.Namespace) -> pd.DataFrame:
     """Returns the table `args.table` of the app for the view the arguments describe."""
     if args.table in EXPERIMENT_TABLES:
         return export_experiments(store, args)
+    if args.table.startswith("mechanism-"):
+        return export_mechanism(store, args)
     if args.table not in EXPORTS:
-        raise CliError(f"unknown table {args.table!r}; use one of {', '.join([*EXPORTS, *EXPERIMENT_TABLES])}")
+        raise CliError(f"unknown table {args.table!r}; use one of "
+                       f"{', '.join([*EXPORTS, *EXPERIMENT_TABLES, 'mechanism-<lab table>'])}")
     pair = args.pair.split(",")
     if len(pair) != 2:
         raise CliError(f"--pair {args.pair!r}: give two candidates as A,B")
@@ -270,6 +274,23 @@ def export_experiments(store: RunStore, args: argparse.Namespace) -> pd.DataFram
                        f"matches {args.experiment!r} (see: export {store.name} experiments)")
     result = archive.load(cache, store.name, hashes[0])
     return result.summary() if args.table == "experiment-summary" else result.frame()
+
+
+def export_mechanism(store: RunStore, args: argparse.Namespace) -> pd.DataFrame:
+    """Returns one of the mechanism lab's tables of a subject on the run (the Mechanism page's)."""
+    from core.mechanism import lab
+
+    cache = Path(str(store.path).rstrip("/")).parent
+    subject = args.subject or store.attrs["model"]["spec"]
+    out = lab.lab_dir(cache, store.name, subject)
+    name = args.table.removeprefix("mechanism-")
+    if name not in lab.TABLES:
+        raise CliError(f"unknown table {args.table!r}; the lab's: {', '.join('mechanism-' + t for t in lab.TABLES)}")
+    try:
+        return lab.TABLES[name](out)
+    except FileNotFoundError as exc:
+        raise CliError(f"no {name} table of subject {subject} on {store.name} ({Path(exc.filename).name} missing; "
+                       f"run: python -m cache_builder mechanism {store.name} --model {subject})") from None
 
 
 def _read_token(args: argparse.Namespace) -> str | None:

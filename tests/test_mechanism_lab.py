@@ -195,11 +195,20 @@ def test_cli_runs_the_lab_on_a_run_and_refuses_bad_input(tiny_run, capsys):
     for test in ("agreement", "weights", "invariance"):
         assert sorted(pd.read_csv(out / f"{test}.csv")["seed"].unique()) == [0, 1]
     assert not (out / "implicit.csv").exists()
+    # The page's tables from the command line: the card as the lab wrote it.
+    assert cli(["export", store.name, "mechanism-card", "--cache", str(cache), "--out", str(cache / "card.csv")]) == 0
+    card = pd.read_csv(cache / "card.csv")
+    saved = json.loads((out / "card.json").read_text())["tests"]
+    assert card["test"].tolist() == [t["test"] for t in saved] and card["winner"].tolist() == [t["winner"] for t in saved]
     # Bad input in this process (the same main() as the command line, without an interpreter start each).
     for args, message in [([store.name, "--seeds", "1"], "at least 2"), ([], "give a run, or --toys"),
                           ([store.name, "--toys"], "give a run, or --toys"), (["nope"], "no run store"),
                           ([store.name, "--tests", "weights,speed"], "unknown test 'speed'")]:
         assert cli(["mechanism", *args, "--cache", str(cache)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    for table, message in [("mechanism-speed", "unknown table 'mechanism-speed'"), ("mechanism-loo", "no loo table")]:
+        assert cli(["export", store.name, table, "--cache", str(cache)]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
 

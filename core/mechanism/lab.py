@@ -289,3 +289,15 @@ def toy_subjects(train_seed: int = 0) -> list[PredictSubject]:
 
 # What each toy is, by construction: the verdict each must reach.
 TOY_TRUTH = {"trained-lsa": "gd", "gd-construction": "gd", "softmax-kernel-head": "kernel-knn", "lookup": "recalled"}
+
+
+def card_records(out: str | Path) -> pd.DataFrame:
+    """Returns the verdict card's per-test rows."""
+    return pd.DataFrame(card_of(out)["tests"])
+
+
+# The lab's tables by name, each from a subject's directory (the CLI's `export mechanism-<name>`).
+TABLES: dict[str, Callable[[str | Path], pd.DataFrame]] = {
+    "card": card_records, "distances": distances, "fitted": fitted_table, "noise": noise_table, "loo": loo_table,
+    "curves": curve_table,
+}
