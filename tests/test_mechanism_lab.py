@@ -238,6 +238,10 @@ def test_mechanism_page_shows_the_cards_and_a_tests_families(tiny_run, toy_cards
     frames = [d.value for d in at.dataframe]
     toys = next(f for f in frames if "toy" in f.columns)
     assert toys["correct"].all() and len(toys) == len(lab.TOY_TRUTH)
+    # Each row of the card links to the view of its test.
+    card = next(f for f in frames if "closest family" in f.columns)
+    assert card["view"].tolist() == [f"?run={store.name}&subject=last-control&test={t['test']}"
+                                     for t in want["tests"]]
     families = next(f for f in frames if "family" in f.columns and "diff" in f.columns)
     weights = next(t for t in want["tests"] if t["test"] == "weights")
     assert families.iloc[0]["family"] == weights["winner"]

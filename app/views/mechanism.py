@@ -3,6 +3,7 @@ random-init model and the known-answer toys beside it. Reads the lab's saved tab
 (`python -m cache_builder mechanism`, `core.mechanism.lab`); never runs a model."""
 
 from pathlib import Path
+from urllib.parse import urlencode
 
 import altair as alt
 import pandas as pd
@@ -58,10 +59,13 @@ def _fmt(mean: float, low: float, high: float) -> str:
     return f"{mean:.3g} [{low:.3g}, {high:.3g}]"
 
 
-def card_table(card: dict) -> pd.DataFrame:
+def card_table(card: dict, subject: str) -> pd.DataFrame:
+    """The card's rows, each with a link to the view its numbers come from (this page, that test)."""
     return pd.DataFrame([{"test": TEST_LABELS.get(t["test"], t["test"]), "closest family": t["winner"],
                           "best member": t["member"], "distance [95% CI]": _fmt(t["distance"], t["low"], t["high"]),
-                          "indistinguishable from": t["tied_with"] or "—"} for t in card["tests"]])
+                          "indistinguishable from": t["tied_with"] or "—",
+                          "view": "?" + urlencode({"run": name, "subject": subject, "test": t["test"]})}
+                         for t in card["tests"]])
 
 
 toys = {p.name: p for p in lab_dirs(cache, TOYS)}
@@ -100,11 +104,12 @@ for col, (subject, path) in zip(cols, subjects.items()):
             continue
         card = load_card(str(path), _stamp(path))
         st.markdown(f"**Verdict:** {card['verdict']['text']}")
-        st.dataframe(card_table(card), hide_index=True)
+        st.dataframe(card_table(card, subject), hide_index=True,
+                     column_config={"view": st.column_config.LinkColumn("view", display_text="per seed")})
         st.caption(f"{len(seeds)} seeds (run seeds {seeds[0]}–{seeds[-1]}); tests saved: {', '.join(done)}. "
                    + ("" if (path / "card.json").exists() else "Still running or stopped: the card covers the "
                       "seeds saved so far; the same command resumes it."))
-        download(card_table(card), f"mechanism-card-{subject}")
+        download(card_table(card, subject), f"mechanism-card-{subject}")
 
 st.divider()
 subject = choose("Subject", "subject", list(subjects), sidebar=False)
