@@ -294,6 +294,12 @@ def test_a_lab_extends_to_more_seeds_and_refuses_other_ones(tmp_path):
         lab.run_lab(subject, lab.toy_bases(5, seed=8)[0], tmp_path, tests=("agreement",))
     with pytest.raises(MechanismError, match="other seeds"):
         lab.run_lab(subject, bases[:2], tmp_path, tests=("agreement",))
+    # A directory of an earlier version (no truths saved) gains them and keeps its tables.
+    with np.load(tmp_path / "bases.npz") as z:
+        np.savez(tmp_path / "bases.npz", **{k: z[k] for k in ("x", "y", "q", "seeds")})
+    truths = np.arange(5.0)
+    assert lab.run_lab(subject, bases, tmp_path, truths=truths, tests=("agreement",)) == card
+    np.testing.assert_array_equal(lab.load_truths(tmp_path), truths)
 
 
 def test_a_subject_without_numbers_gets_no_verdict(tmp_path):
