@@ -250,7 +250,7 @@ def test_mechanism_page_shows_the_cards_and_a_tests_families(tiny_run, toy_cards
     # itself (gd cannot), only dropping the last example moves it, and its error from the
     # first k examples is |y_k - truth|.
     fitted = next(f for f in frames if "candidate" in f.columns).set_index(["subject", "candidate"])
-    assert set(fitted.index.get_level_values(0)) == {"subject", "truth"}
+    assert set(fitted.index.get_level_values(0)) == {"last-control", "truth"}
     loo = next(f for f in frames if "changed_share" in f.columns).set_index("subject")
     assert loo.loc["last-control", "changed_share"].startswith(f"{1 / 6:.3g} [")
     curve = next(m for m in at.get("multiselect") if m.label == "Curves")

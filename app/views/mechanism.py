@@ -124,7 +124,7 @@ st.markdown(f"**{TEST_LABELS[test]}** — per family its best member's distance 
 st.dataframe(families.assign(about=families["family"].map(lambda f: FAMILIES.get(f, ""))), hide_index=True)
 download(families, f"mechanism-{test}-{subject}")
 if test == "weights":
-    if (path / "noise.csv").exists():
+    if (path / "noise.csv").exists() and (path / "weights.csv").exists():
         noise = load_noise(str(path), _stamp(path))
         if len(noise):
             sm = summarize(noise.assign(subject=subject), ["shift", "floor"]).iloc[0]
@@ -156,7 +156,7 @@ if "fitted" in extra:
                 "bandwidth h; `-std` on standardized features), fitted on one half of the seeds and scored on the "
                 "other (held-out R^2, 95% bootstrap interval). Rows `truth`: the same fits to the true values, the "
                 "control: how well each family could do at best.")
-    f = extra["fitted"]
+    f = extra["fitted"].assign(subject=lambda d: d["subject"].replace("subject", subject))
     st.dataframe(f.assign(**{"held-out R^2 [95% CI]": [_fmt(m, lo, hi) for m, lo, hi in
                                                         zip(f["r2_held"], f["r2_held_low"], f["r2_held_high"])]})
                  [["subject", "candidate", "param", "param_fold0", "param_fold1", "held-out R^2 [95% CI]",
