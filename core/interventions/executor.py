@@ -366,7 +366,6 @@ def _decode(model: LoadedModel, jobs: list[Job], cache: DynamicCache, final: Ten
             job.out["decoded_text"] = tok.decode(g, skip_special_tokens=True)
 
 
-@torch.inference_mode()
 def _shared(a: np.ndarray, b: np.ndarray) -> int:
     """Returns the number of leading tokens two prompts have in common."""
     m = min(len(a), len(b))
@@ -374,6 +373,7 @@ def _shared(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if len(differ) else m
 
 
+@torch.inference_mode()
 def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[np.ndarray], max_new_tokens: int,
                 answers: list[tuple[list[int], list[int]]] | None = None,
                 progress: Callable[[float, str], None] | None = None) -> list[dict]:
