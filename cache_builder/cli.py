@@ -174,6 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     mc.add_argument("--toys", action="store_true", help="the toys: GD construction, softmax kernel head, lookup")
     mc.add_argument("--model", help="default: the run's model; random:<spec> for the random-init control")
     mc.add_argument("--seeds", type=int, default=30, help="the first N finished seeds (toys: N sampled tasks)")
+    mc.add_argument("--readout", default="greedy", help="greedy (the model's own answer), or number: greedy among "
+                    "the tokens that keep the answer a number of the run's format (gives an untrained model answers)")
     mc.add_argument("--tests", default="agreement,weights,implicit,invariance,loo,curves",
                     help="which tests to run (comma-separated); the first four give the verdict")
     mc.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -429,7 +431,7 @@ def mechanism(args: argparse.Namespace) -> int:
         bases, truths = lab.toy_bases(args.seeds)
         jobs = [(s, bases, lab.lab_dir(args.cache, lab.TOYS, s.name), None, truths) for s in lab.toy_subjects()]
     else:
-        from core.mechanism.lm import LMSubject
+        from core.mechanism.lm import READOUTS, LMSubject
         from core.models import load_model
 
         store = RunStore.open(resolve_run(args.run, args.cache))
@@ -437,9 +439,12 @@ def mechanism(args: argparse.Namespace) -> int:
         if len(rows) < 2:
             raise CliError(f"run {store.name} has {len(rows)} finished seeds; the lab needs at least 2")
         spec = args.model or store.attrs["model"]["spec"]
-        subject = LMSubject.of_run(load_model(spec, args.device, args.dtype), store, rows, name=spec)
+        if args.readout not in READOUTS:
+            raise CliError(f"unknown --readout {args.readout!r}; use one of {', '.join(READOUTS)}")
+        name = spec + ("" if args.readout == "greedy" else f"+{args.readout}")
+        subject = LMSubject.of_run(load_model(spec, args.device, args.dtype), store, rows, name, args.readout)
         subject.check_tokenizer()
-        jobs = [(subject, subject.bases, lab.lab_dir(args.cache, store.name, spec), [store.seeds[r] for r in rows],
+        jobs = [(subject, subject.bases, lab.lab_dir(args.cache, store.name, name), [store.seeds[r] for r in rows],
                  store.y_true()[rows])]
     for subject, bases, out, labels, truths in jobs:
         with fraction_bar(subject.name, args.quiet) as progress:

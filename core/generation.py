@@ -73,6 +73,50 @@ def answer_complete(text: str) -> bool:
     return _COMPLETE.match(text) is not None
 
 
+class NumberGrammar:
+    """The answers an aligned run's format can write: an optional minus sign, `int_digits`
+    digits, a point and two decimals. `mask(text)` says which tokens keep `text` on that
+    pattern (multi-digit tokens too), so a decoder restricted to it always writes a
+    number: the readout that gives an untrained model an answer to compare."""
+
+    def __init__(self, model: LoadedModel, int_digits: int) -> None:
+        tokenizer = model.tokenizer
+        self.width = int_digits + 3
+        self.eos = tokenizer.eos_token_id
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self.vocab_size = int(model.hf_model.get_output_embeddings().weight.shape[0])  # the logits' width
+        self.device = model.device
+        strings = {i: tokenizer.convert_tokens_to_string([t]) for i, t in enumerate(vocab) if t is not None}
+        self.pieces = {i: s for i, s in strings.items() if s and set(s) <= set("-0123456789.")}
+        self._masks: dict[str, Tensor] = {}
+
+    def _shape(self, text: str) -> str | None:
+        """Returns `text` as its pattern (sign, D per digit, points) or None off the pattern."""
+        body = text.removeprefix("-")
+        want = "D" * (self.width - 3) + ".DD"
+        if len(body) > len(want) or body.count("-"):
+            return None
+        got = "".join("D" if c.isdigit() else c for c in body)
+        return ("-" if text.startswith("-") else "") + got if want.startswith(got) else None
+
+    def complete(self, text: str) -> bool:
+        shape = self._shape(text)
+        return shape is not None and len(shape.removeprefix("-")) == self.width
+
+    def mask(self, text: str) -> Tensor:
+        """Returns the [vocab] boolean mask of tokens allowed after `text` (EOS once complete)."""
+        shape = self._shape(text)
+        if shape not in self._masks:
+            m = torch.zeros(self.vocab_size, dtype=torch.bool)
+            if shape is not None and self.complete(text):
+                m[self.eos] = True
+            else:
+                ok = [i for i, piece in self.pieces.items() if self._shape(text + piece) is not None]
+                m[ok] = True
+            self._masks[shape] = m.to(self.device)
+        return self._masks[shape]
+
+
 @dataclass
 class Decoded:
     """A batch's greedy answers, the KV cache the decoding left and the prompts' mask."""

@@ -3,6 +3,7 @@ model answering edited prompts with its cache reused (against plain Hugging Face
 decoding of each whole prompt), resuming, the verdict's arithmetic, the CLI and the page."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -203,7 +204,8 @@ def test_cli_runs_the_lab_on_a_run_and_refuses_bad_input(tiny_run, capsys):
     # Bad input in this process (the same main() as the command line, without an interpreter start each).
     for args, message in [([store.name, "--seeds", "1"], "at least 2"), ([], "give a run, or --toys"),
                           ([store.name, "--toys"], "give a run, or --toys"), (["nope"], "no run store"),
-                          ([store.name, "--tests", "weights,speed"], "unknown test 'speed'")]:
+                          ([store.name, "--tests", "weights,speed"], "unknown test 'speed'"),
+                          ([store.name, "--readout", "mean"], "unknown --readout 'mean'")]:
         assert cli(["mechanism", *args, "--cache", str(cache)]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
@@ -338,3 +340,34 @@ def test_the_noise_floor_edit_equals_greedy_decoding_of_the_lower_cased_prompt(t
     np.testing.assert_allclose(noise["shift"], w["abs_total"] / 4 * w["delta"])
     saved = pd.read_csv(out / "noise.csv")
     np.testing.assert_allclose(noise["floor"], saved.groupby("seed")["change"].apply(lambda c: c.abs().mean()))
+
+
+def _prefix_of_number(text: str, digits: int) -> bool:
+    return re.fullmatch(rf"-?(\d{{0,{digits}}}|\d{{{digits}}}\.\d{{0,2}})", text) is not None
+
+
+def test_the_number_readout_is_greedy_decoding_restricted_to_the_runs_number_pattern(tiny, tiny_run):
+    _, store = tiny_run
+    subject = LMSubject.of_run(tiny, store, readout="number")
+    assert subject.name == "tiny-random-llama+number"
+    digits = int(store.attrs["prompt"]["int_digits"][-1])
+    tok = tiny.tokenizer
+    pieces = {i: tok.convert_tokens_to_string([t])
+              for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))) if t}
+    for k, task in enumerate(subject.bases[:2]):
+        got = subject.predict(k, [task, drop(task, 0)])
+        for a, t in zip(got, (task, drop(task, 0))):
+            # Independently: whole forwards, the next token the best of those keeping a prefix of -D.DD.
+            ids, text = list(subject.prompt(t)), ""
+            while re.fullmatch(rf"-?\d{{{digits}}}\.\d{{2}}", text) is None:
+                with torch.no_grad():
+                    logits = tiny.hf_model(input_ids=torch.as_tensor([ids])).logits[0, -1]
+                ok = [i for i, s in pieces.items() if s and _prefix_of_number(text + s, digits)]
+                best = ok[int(torch.argmax(logits[ok]))]
+                ids.append(best)
+                text += pieces[best]
+            assert a == float(text), (a, text)
+    # The plain readout of this untrained model writes no number at all.
+    assert np.isnan(LMSubject.of_run(tiny, store).predict(0, subject.bases[:1])).all()
+    with pytest.raises(MechanismError, match="unknown readout"):
+        LMSubject.of_run(tiny, store, readout="mean")

@@ -28,7 +28,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from core.candidates import TRUTH, build_trie, candidate_texts
-from core.generation import answer_complete
+from core.generation import NumberGrammar, answer_complete
 from core.interventions.backend import fingerprint
 from core.interventions.metrics import normalized_effect
 from core.interventions.plan import Plan, plan
@@ -68,6 +68,7 @@ class Job:
     patches: list[tuple[Site, np.ndarray, Tensor]] = field(default_factory=list)  # site, positions, values
     answers: tuple[list[int], list[int]] = ([], [])
     decode: bool = True
+    grammar: NumberGrammar | None = None  # decode only numbers of this pattern (else plain greedy)
     out: dict = field(default_factory=dict)
 
 
@@ -343,24 +344,36 @@ def _score(model: LoadedModel, jobs: list[Job], cache: DynamicCache, final: Floa
         job.out["logit_diff"] = float(logp(node)[a[k]] - logp(node)[b[k]]) if node is not None else np.nan
 
 
+def _pick(logits: Float[Tensor, "n V"], jobs: list[Job], generated: list[list[int]], tok) -> Int[Tensor, " n"]:
+    """Returns each row's greedy next token, among those its grammar allows where it has one."""
+    if all(job.grammar is None for job in jobs):
+        return logits.argmax(-1)
+    logits = logits.clone()
+    for r, job in enumerate(jobs):
+        if job.grammar is not None:
+            logits[r, ~job.grammar.mask(tok.decode(generated[r]))] = -torch.inf
+    return logits.argmax(-1)
+
+
 def _decode(model: LoadedModel, jobs: list[Job], cache: DynamicCache, final: Tensor, t: int,
             max_new_tokens: int) -> None:
     """Greedy answers from the patched cache, stopped once each holds a whole number."""
     tok = model.tokenizer
     n = len(jobs)
-    nxt = final.argmax(-1)
     generated: list[list[int]] = [[] for _ in jobs]
+    nxt = _pick(final, jobs, generated, tok)
     done = [False] * n
     for step in range(max_new_tokens):
         for r, token in enumerate(nxt.tolist()):
             if not done[r]:
                 generated[r].append(token)
-                done[r] = token == tok.eos_token_id or answer_complete(tok.decode(generated[r]))
+                text, grammar = tok.decode(generated[r]), jobs[r].grammar
+                done[r] = token == tok.eos_token_id or (grammar.complete(text) if grammar else answer_complete(text))
         if all(done) or step == max_new_tokens - 1:
             break
         pos = torch.full((n, 1), t + step, dtype=torch.long, device=model.device)
         out = model.hf_model(input_ids=nxt[:, None], position_ids=pos, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1)
+        nxt = _pick(out.logits[:, -1], jobs, generated, tok)
     for job, g in zip(jobs, generated):
         if job.decode:  # a row that skips decoding reads the same whatever chunk it shared
             job.out["decoded_text"] = tok.decode(g, skip_special_tokens=True)
@@ -376,10 +389,12 @@ def _shared(a: np.ndarray, b: np.ndarray) -> int:
 @torch.inference_mode()
 def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[np.ndarray], max_new_tokens: int,
                 answers: list[tuple[list[int], list[int]]] | None = None,
-                progress: Callable[[float, str], None] | None = None) -> list[dict]:
-    """Returns, per prompt, its greedy answer text (`decoded_text`), whether it reused the
-    base's cache (`reused`) and, given `answers` (A, B tokens per prompt), the
-    teacher-forced `logprob_diff` and `logit_diff` of A against B.
+                progress: Callable[[float, str], None] | None = None,
+                grammars: list[NumberGrammar | None] | None = None) -> list[dict]:
+    """Returns, per prompt, its greedy answer text (`decoded_text`; decoded within
+    `grammars[i]` where given), whether it reused the base's cache (`reused`) and, given
+    `answers` (A, B tokens per prompt), the teacher-forced `logprob_diff` and `logit_diff`
+    of A against B.
 
     Prompts are edits of `base`. One of the base's length is run as a patch of the
     residual stream entering layer 0 (its token embeddings where its tokens differ):
@@ -391,6 +406,7 @@ def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[n
     n_layers = len(_layers(model))
     embed = model.hf_model.get_input_embeddings()
     pairs = answers or [([], [])] * len(prompts)
+    grammars = grammars or [None] * len(prompts)
     prompts = [np.asarray(p) for p in prompts]
     t = len(base)
     same = [i for i, p in enumerate(prompts) if len(p) == t]
@@ -399,8 +415,9 @@ def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[n
     for i in same:
         d = diffs[i]
         ids = torch.as_tensor(prompts[i][d], dtype=torch.long, device=model.device)
-        jobs[i] = (Job(-1, 0, int(d[0]), patches=[(Site(kind="resid_pre", layer=0), d, embed(ids))], answers=pairs[i])
-                   if len(d) else Job(-1, n_layers, t - 1, answers=pairs[i]))
+        jobs[i] = (Job(-1, 0, int(d[0]), patches=[(Site(kind="resid_pre", layer=0), d, embed(ids))], answers=pairs[i],
+                       grammar=grammars[i])
+                   if len(d) else Job(-1, n_layers, t - 1, answers=pairs[i], grammar=grammars[i]))
     # Groups of prompts whose clean caches fit CLEAN_KV_BYTES: first the base's edits (one
     # clean run of the base), then the other lengths (a clean run each, kept only at its
     # last position, and a chunk that merely scores and decodes from there).
@@ -418,7 +435,8 @@ def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[n
             runs = clean_runs(model, [prompts[i] for i in group], [len(prompts[i]) - 1 for i in group], none, set(),
                               prefix=base_run, shared=[_shared(prompts[i], base) for i in group])
             clean = dict(zip(group, runs))
-            jobs.update({i: Job(i, n_layers, len(prompts[i]) - 1, answers=pairs[i]) for i in group})
+            jobs.update({i: Job(i, n_layers, len(prompts[i]) - 1, answers=pairs[i], grammar=grammars[i])
+                         for i in group})
         run_by_length(model, [jobs[i] for i in group], clean,
                       lambda j: t if j.prompt == -1 else len(prompts[j.prompt]), max_new_tokens)
         del clean

@@ -16,6 +16,7 @@ import numpy as np
 from jaxtyping import Float, Int
 
 from core.datasets import Sample
+from core.generation import NumberGrammar
 from core.interventions.executor import run_prompts
 from core.models import LoadedModel
 from core.mechanism.subjects import MechanismError, Task
@@ -23,6 +24,7 @@ from core.prompts import NumberFormat, int_digits, parse_number, prompt_text
 from core.store import RunStore
 
 
+READOUTS = ("greedy", "number")
 NOISE_WORD = "Output"  # the examples' label, written in lower case by the noise-floor edit
 
 
@@ -55,22 +57,29 @@ class LMSubject:
     bases: list[Task]
     tokens: list[Int[np.ndarray, " T"]]  # each base's prompt as the run tokenized it
     name: str = ""
+    readout: str = "greedy"  # or "number": greedy within the run's number format (`NumberGrammar`)
     changed_length: int = 0  # prompts of another length than their base's
     prompts_run: int = 0
     progress: Callable[[float, str], None] | None = None
     _fmt: NumberFormat = field(init=False)
+    _grammars: dict[int, NumberGrammar] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         a = self.store.attrs
         self._fmt = NumberFormat(a["prompt"]["format"], tuple(a["prompt"]["int_digits"]))
-        self.name = self.name or self.model.spec
+        if self.readout not in READOUTS:
+            raise MechanismError(f"unknown readout {self.readout!r}; use one of {', '.join(READOUTS)}")
+        if self.readout == "number" and self._fmt.kind != "aligned":
+            raise MechanismError(f"the number readout needs a run in the aligned format; {self.store.name} is "
+                                 f"{self._fmt.kind}")
+        self.name = self.name or self.model.spec + ("" if self.readout == "greedy" else f"+{self.readout}")
 
     @classmethod
     def of_run(cls, model: LoadedModel, store: RunStore, rows: list[int] | None = None,
-               name: str = "") -> "LMSubject":
+               name: str = "", readout: str = "greedy") -> "LMSubject":
         """Returns the subject over the run's seeds (store rows; default every finished one)."""
         rows = np.nonzero(store.done())[0].tolist() if rows is None else rows
-        return cls(model, store, run_tasks(store, rows), [store.tokens(r) for r in rows], name)
+        return cls(model, store, run_tasks(store, rows), [store.tokens(r) for r in rows], name, readout)
 
     def prompt(self, task: Task) -> Int[np.ndarray, " T"]:
         """Returns the task's prompt tokens in the run's format."""
@@ -86,11 +95,24 @@ class LMSubject:
 
     def predict(self, base: int, tasks: Sequence[Task]) -> Float[np.ndarray, " m"]:
         """Returns the model's greedy answer (as a number, NaN if none) to each task."""
-        return self._answers(base, [self.prompt(t) for t in tasks])
+        return self._answers(base, [self.prompt(t) for t in tasks],
+                             [task_format(self._fmt, t).int_digits[-1] for t in tasks])
 
-    def _answers(self, base: int, prompts: list[Int[np.ndarray, " T"]]) -> Float[np.ndarray, " m"]:
-        out = run_prompts(self.model, self.tokens[base], prompts, int(self.store.attrs["prompt"]["max_new_tokens"]),
-                          progress=self.progress)
+    def _grammar(self, int_digits: int) -> NumberGrammar | None:
+        if self.readout == "greedy":
+            return None
+        if int_digits not in self._grammars:
+            self._grammars[int_digits] = NumberGrammar(self.model, int_digits)
+        return self._grammars[int_digits]
+
+    def _answers(self, base: int, prompts: list[Int[np.ndarray, " T"]],
+                 y_digits: list[int]) -> Float[np.ndarray, " m"]:
+        # A number readout needs room for the widest answer its grammar allows, and its end.
+        max_new = int(self.store.attrs["prompt"]["max_new_tokens"])
+        if self.readout == "number":
+            max_new = max(max_new, max(y_digits) + 5)
+        out = run_prompts(self.model, self.tokens[base], prompts, max_new, progress=self.progress,
+                          grammars=[self._grammar(d) for d in y_digits])
         self.prompts_run += len(prompts)
         self.changed_length += sum(not o["reused"] for o in out)
         return np.array([parse_number(o["decoded_text"]) for o in out], dtype=np.float64)
@@ -107,5 +129,5 @@ class LMSubject:
         if len(word) != 1 or len(lower) != 1 or len(colon) != 1 or len(at) != n:
             return np.full(n, np.nan)
         prompts = [tokens] + [np.where(np.arange(len(tokens)) == i, lower[0], tokens) for i in at]
-        a = self._answers(base, prompts)
+        a = self._answers(base, prompts, [self._fmt.int_digits[-1]] * len(prompts))
         return a[1:] - a[0]
