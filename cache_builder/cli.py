@@ -176,8 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     mc.add_argument("--seeds", type=int, default=30, help="the first N finished seeds (toys: N sampled tasks)")
     mc.add_argument("--readout", default="greedy", help="greedy (the model's own answer), or number: greedy among "
                     "the tokens that keep the answer a number of the run's format (gives an untrained model answers)")
-    mc.add_argument("--tests", default="agreement,weights,implicit,invariance,loo,curves",
-                    help="which tests to run (comma-separated); the first four give the verdict")
+    mc.add_argument("--tests", help="which tests to run, comma-separated (default: all of "
+                    "core.mechanism.lab.TESTS; agreement, weights, implicit and invariance give the verdict)")
     mc.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     mc.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     mc.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
@@ -423,7 +423,7 @@ def mechanism(args: argparse.Namespace) -> int:
         raise CliError("--seeds must be at least 2 (the intervals are over seeds)")
     if args.toys == bool(args.run):
         raise CliError("give a run, or --toys")
-    tests = [t.strip() for t in args.tests.split(",")]
+    tests = list(lab.TESTS) if args.tests is None else [t.strip() for t in args.tests.split(",")]
     unknown = [t for t in tests if t not in lab.TESTS]
     if unknown or not tests:
         raise CliError(f"unknown test {unknown[0] if unknown else ''!r}; known: {', '.join(lab.TESTS)}")
