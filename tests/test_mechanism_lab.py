@@ -313,7 +313,7 @@ def test_a_subject_without_numbers_gets_no_verdict(tmp_path):
 
 def test_the_noise_floor_edit_equals_greedy_decoding_of_the_lower_cased_prompt(tmp_path):
     model = load_model("smollm2-135m")
-    spec = BuildSpec("smollm2-135m", "linear-ni11", 4, [0, 1], regressors=["mean"], batch_size=2, acts="none")
+    spec = BuildSpec("smollm2-135m", "linear-ni11", 4, [0], regressors=["mean"], batch_size=1, acts="none")
     store = RunStore.open(build(spec, tmp_path, progress=False, model=model))
     subject = LMSubject.of_run(model, store)
     max_new = int(store.attrs["prompt"]["max_new_tokens"])
@@ -332,14 +332,6 @@ def test_the_noise_floor_edit_equals_greedy_decoding_of_the_lower_cased_prompt(t
             want.append(_hf_greedy(model, np.asarray(model.tokenizer(edited)["input_ids"]), max_new) - base)
         assert np.isfinite(want).all()
         np.testing.assert_allclose(got, want, atol=1e-9)
-    # Lab level: the noise rows, and test 3's mean move against them.
-    out = tmp_path / "lab"
-    lab.run_lab(subject, subject.bases, out, tests=("weights", "noise"))
-    noise = lab.noise_table(out)
-    w = pd.read_csv(out / "weights.csv").query(f"subject == 'smollm2-135m' and rel == {lab.WEIGHT_REL}")
-    np.testing.assert_allclose(noise["shift"], w["abs_total"] / 4 * w["delta"])
-    saved = pd.read_csv(out / "noise.csv")
-    np.testing.assert_allclose(noise["floor"], saved.groupby("seed")["change"].apply(lambda c: c.abs().mean()))
 
 
 def _prefix_of_number(text: str, digits: int) -> bool:
