@@ -263,9 +263,14 @@ def export(store: RunStore, args: argparse.Namespace) -> pd.DataFrame:
 EXPERIMENT_COLUMNS = ["hash", "kind", "method", "cells", "units", "finished", "device"]
 
 
+def _cache_of(store: RunStore) -> Path:
+    """Returns the cache directory a store sits in: experiments and lab tables live beside it."""
+    return Path(str(store.path).rstrip("/")).parent
+
+
 def export_experiments(store: RunStore, args: argparse.Namespace) -> pd.DataFrame:
     """Returns the run's finished experiments, or one experiment's summary or rows."""
-    cache = Path(str(store.path).rstrip("/")).parent  # results live beside the run stores
+    cache = _cache_of(store)
     if args.table == "experiments":
         return pd.DataFrame(archive.list_results(cache, store.name), columns=EXPERIMENT_COLUMNS)
     if not args.experiment:
@@ -282,7 +287,7 @@ def export_mechanism(store: RunStore, args: argparse.Namespace) -> pd.DataFrame:
     """Returns one of the mechanism lab's tables of a subject on the run (the Mechanism page's)."""
     from core.mechanism import lab
 
-    cache = Path(str(store.path).rstrip("/")).parent
+    cache = _cache_of(store)
     subject = args.subject or store.attrs["model"]["spec"]
     out = lab.lab_dir(cache, store.name, subject)
     name = args.table.removeprefix("mechanism-")
