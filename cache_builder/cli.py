@@ -145,10 +145,11 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-clean-forwards", type=float, default=20000,
                     help="most clean-forward-pass equivalents per experiment")
     sv.add_argument("--max-body-kb", type=int, default=256, help="largest request body")
-    iv = sub.add_parser("intervene", help="run an ablation or patching experiment on a run (README: "
+    iv = sub.add_parser("intervene", help="run an ablation, patching or prompt-edit experiment on a run (README: "
                         "'Live interventions')")
     iv.add_argument("run", help="run store name under --cache")
-    iv.add_argument("spec", help="JSON file holding the experiment: {\"kind\": \"ablation\" | \"patching\", ...}")
+    iv.add_argument("spec", help="JSON file holding the experiment: {\"kind\": \"ablation\" | \"patching\" | "
+                    "\"edit\", ...}")
     iv.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     iv.add_argument("--server", help="URL of an intervention server (default: run here, loading the run's model)")
     iv.add_argument("--token-file", help=f"the server's token (default: ${TOKEN_ENV})")
@@ -356,6 +357,9 @@ def format_summary(summary: pd.DataFrame) -> str:
                                                              "logprob_diff_high"]].itertuples(index=False)],
         "decoded": summary["decoded"].map(lambda v: f"{v:.4g}"),
     })
+    if "shift" in summary:  # a prompt edit: how far each edit moved the answer
+        table["shift [95% CI]"] = [_ci(*r) for r in summary[["shift", "shift_low", "shift_high"]]
+                                   .itertuples(index=False)]
     if summary["flagged"].any():
         table["flagged"] = summary["flagged"]
     return table.to_string(index=False)

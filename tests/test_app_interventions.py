@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import zarr
@@ -28,6 +29,8 @@ ABLATION = {"mode": "Ablate", "site": "resid_pre", "every_layer": "0", "layers":
             "method": "zero", "seeds": "0,1", "a": "truth", "b": "linear"}
 PATCHING = {"mode": "Patch", "site": "resid_pre", "every_layer": "1", "pos": "slot[3],final",
             "pairing": "consecutive", "npairs": "2"}
+EDIT = {"mode": "Edit", "ops": "perturb-y,permute", "every_example": "0", "example": "1", "delta": "0.5",
+        "seeds": "0,1", "a": "truth", "b": "linear", "regs": "linear,mean", "readout": "greedy"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -196,6 +199,37 @@ def test_a_link_reopens_a_result_without_a_server(cache, ablation):
     # a changed setting is another experiment: not run yet, so the link loses its hash
     at.multiselect(key="w:seeds").set_value([0, 1, 2]).run()
     assert not at.exception and "exp" not in at.query_params
+
+
+def test_prompt_edits_run_on_the_server_beside_the_refit_regressors(cache, server, run_name):
+    at, saved, cost = run_experiment(cache, server, run_name, EDIT)
+    assert "4 rows (2 cells x 2 units)" in cost
+    exp = saved.request.experiment.root
+    assert [e.label for e in exp.edits] == ["y[1] +0.5", "permute (draw 0)"] and exp.regressors == ["linear", "mean"]
+    rows = saved.frame()
+    # The refits, against what each edit does to them: the mean of 4 y's moves by 0.5 / 4 when
+    # one y moves by 0.5, and neither mean nor least squares move when the examples are reordered.
+    perturb, permute = rows[rows.cell == 0], rows[rows.cell == 1]
+    assert perturb["shift:mean"].to_numpy() == pytest.approx([0.125, 0.125])
+    assert permute["shift:mean"].to_numpy() == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert permute["shift:linear"].to_numpy() == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert not perturb.changed_length.any()
+    # The closest regressor per edit: the one whose mean shift is nearest the model's.
+    shown = next(d.value for d in at.dataframe if "closest_regressor" in d.value.columns)
+    means = rows.groupby("cell")[["shift", "shift:linear", "shift:mean"]].mean()
+    for c, got in enumerate(shown.closest_regressor):
+        gaps = {r: abs(means.at[c, f"shift:{r}"] - means.at[c, "shift"]) for r in ("linear", "mean")}
+        assert got == (min(gaps, key=gaps.get) if np.isfinite(list(gaps.values())).any() else None)
+    pd.testing.assert_frame_equal(shown_summary(at).reset_index(drop=True), saved.summary(), check_dtype=False)
+    (bars,) = chart_data(at, "bar")
+    pd.testing.assert_frame_equal(bars, saved.summary(), check_dtype=False)
+    diff = next(c.value for c in at.code if c.value.startswith("---"))
+    assert "-Output: " in diff and "+Output: " in diff  # the perturbed example's y, before and after
+    # A link reopens it with the form as it was.
+    again = page(cache, closed_port_url(), None, exp=saved.hash)
+    assert not again.exception and again.radio(key="w:mode").value == "Edit"
+    assert again.multiselect(key="w:ops").value == ["perturb-y", "permute"]
+    assert any(f"Already run: result `{saved.hash}`" in c.value for c in again.caption)
 
 
 def test_earlier_experiments_are_listed_and_reopen(cache, run_name, ablation, patching):

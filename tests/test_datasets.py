@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from sklearn.datasets import make_friedman1, make_friedman2, make_friedman3, make_regression
+from sklearn.datasets import make_friedman1, make_friedman2, make_regression
 from sklearn.model_selection import train_test_split
 
 from core.datasets import DATASETS

@@ -72,6 +72,40 @@ def test_plan_refuses_what_cannot_run_in_one_line(store, change, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+EDIT = {"kind": "edit", "edits": [{"op": "perturb-y", "example": 1, "value": 0.5}], "seeds": [0, 1]}
+
+
+@pytest.mark.parametrize("edits,extra,message", [
+    ([{"op": "drop", "example": 4}], {}, "drop: example 4 is out of range: the run has examples 0-3"),
+    ([{"op": "scale-feature", "feature": 4, "value": 2}], {}, "feature 4 is out of range: the run has features 0-3"),
+    ([{"op": "query", "x": [0.5]}], {}, "query: x has 1 values; the run's examples have 4 features"),
+    ([{"op": "prefix", "k": 0}], {}, "prefix: k = 0 is out of range: keep 1-4 examples"),
+    (EDIT["edits"], {"regressors": ["linear", "xgboost"]}, "unknown regressor 'xgboost'"),
+    (EDIT["edits"], {"pair": ["model", "xgboost"]}, "no candidate 'xgboost'"),
+    (EDIT["edits"], {"seeds": [9]}, "seed 9 is not in run"),
+])
+def test_prompt_edits_that_do_not_fit_the_run_are_refused_in_one_line(store, edits, extra, message):
+    with pytest.raises(InterventionError) as err:
+        plan(store, request(store, **{**EDIT, "edits": edits, **extra}), store.attrs["model"])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"op": "drop"}, "edit drop needs example"), ({"op": "shift-y", "example": 1, "value": 2}, "takes no example"),
+    ({"op": "scale-x", "value": 0}, "a factor of 0"), ({"op": "query", "x": [float("nan")] * 4}, "must be finite"),
+    ({"op": "rotate"}, "perturb-y"),
+])
+def test_an_edit_names_exactly_what_its_op_reads(store, edit, message):
+    with pytest.raises(ValidationError, match=message):
+        request(store, **{**EDIT, "edits": [edit]})
+
+
+def test_edits_plan_one_row_per_edit_and_seed_and_the_runs_regressors(store):
+    p = plan(store, request(store, **{**EDIT, "edits": [*EDIT["edits"], {"op": "permute"}]}), store.attrs["model"])
+    assert [(r.cell, r.unit) for r in p.rows] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert p.regressors == ["linear", "mean"] and [u.label for u in p.units] == ["seed 0", "seed 1"]
+
+
 def test_patching_a_natural_run_with_unequal_lengths_is_refused(cache):
     natural = RunStore.open(next(cache.glob("*natural*.zarr")))
     assert len(set(natural.root["positions/n_tokens"][:].tolist())) > 1

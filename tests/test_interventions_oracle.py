@@ -181,8 +181,8 @@ class Oracle:
         return None if text is None else self.tokenizer.encode(text, add_special_tokens=False)
 
     def metrics(self, target: int, a: list[int] | None, b: list[int] | None, hooks: list,
-                decode: bool = True) -> Metrics:
-        prompt = self.prompt(target)
+                decode: bool = True, prompt: list[int] | None = None) -> Metrics:
+        prompt = prompt or self.prompt(target)
         n = len(prompt)
         lp, ld = np.nan, np.nan
         if a is not None and b is not None:
@@ -634,6 +634,114 @@ def test_embedded_model_equals_the_oracle(exp, smol):
     base = result.baselines
     unpatched = base["m_corrupt" if getattr(exp, "direction", "") == "denoising" else "m_clean"][0]
     assert abs(got.logprob_diff - unpatched) > 2e-2
+
+
+# Prompt edits, edited here on the prompt's text: the blocks `Feature 0: x` / `Output: y` of
+# the run's 1-feature prompts, parsed back for the refit.
+_BLOCK = re.compile(r"Feature 0: (\S+)\nOutput: (\S+)\n\n")
+
+
+def edit_text(text: str, fmt: NumberFormat, op: str) -> str:
+    head, _, rest = text.partition("Feature 0: ")
+    blocks = _BLOCK.findall("Feature 0: " + rest)
+    query = ("Feature 0: " + rest)[sum(len(f"Feature 0: {x}\nOutput: {y}\n\n") for x, y in blocks):]
+    if op == "perturb-y":  # example 1's y + 0.5
+        blocks[1] = (blocks[1][0], fmt.write(float(blocks[1][1]) + 0.5, 1))
+    elif op == "drop":  # example 0
+        blocks = blocks[1:]
+    elif op == "shift-y":  # every y + 1
+        blocks = [(x, fmt.write(float(y) + 1.0, 1)) for x, y in blocks]
+    return head + "".join(f"Feature 0: {x}\nOutput: {y}\n\n" for x, y in blocks) + query
+
+
+def refit_linear(text: str) -> float:
+    from sklearn.linear_model import LinearRegression
+
+    blocks = _BLOCK.findall(text)
+    q = float(re.search(r"Feature 0: (\S+)\nOutput: $", text).group(1))
+    x, y = np.array([[float(b[0])] for b in blocks]), np.array([float(b[1]) for b in blocks])
+    return float(LinearRegression().fit(x, y).predict([[q]])[0])
+
+
+def raw_greedy(model, prompt: list[int], max_new: int) -> float:
+    """The raw Hugging Face model's greedy number after a whole prompt (its own KV cache),
+    stopped once the answer holds a whole number."""
+    tok, out, past = model.tokenizer, [], None
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(max_new):
+            step = model.hf_model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past, token = step.past_key_values, int(step.logits[0, -1].argmax())
+            out.append(token)
+            if token == tok.eos_token_id or answer_complete(tok.decode(out)):
+                break
+            ids = torch.tensor([[token]])
+    return parse_number(tok.decode(out, skip_special_tokens=True))
+
+
+def raw_answers(model, prompt: list[int], a: list[int], b: list[int], max_new: int) -> tuple[float, float]:
+    """The raw Hugging Face model on a whole prompt: log p(a) - log p(b), and its greedy number."""
+    total = []
+    with torch.no_grad():
+        for seq in (a, b):
+            logits = model.hf_model(input_ids=torch.tensor([prompt + seq]), logits_to_keep=len(seq) + 1).logits[0, :-1]
+            logp = torch.log_softmax(logits.double(), -1)
+            total.append(float(sum(logp[j, t] for j, t in enumerate(seq))))
+    return total[0] - total[1], raw_greedy(model, prompt, max_new)
+
+
+def test_prompt_edits_equal_the_raw_model_on_the_edited_text(smol, tokenizer):
+    from core.interventions.spec import EditSpec, PromptEdit
+
+    model, cache, store, oracle = smol
+    ops = ["perturb-y", "drop", "shift-y"]
+    exp = PromptEdit(edits=[EditSpec(op="perturb-y", example=1, value=0.5), EditSpec(op="drop", example=0),
+                            EditSpec(op="shift-y", value=1.0)], seeds=[2], pair=("truth", "model"))
+    result = run(model, cache, store, exp)
+    t, base = result.table, result.baselines
+    assert len(t["cell"]) == 3 and base["unit"] == ["seed 2"]
+    for u, row in enumerate([2]):  # seed 2 at store row 2, the experiment's unit 0
+        assert base["clean_text"][u] == store.llm_text()[row]  # the build's greedy answer, on the same machinery
+        text = tokenizer.decode(oracle.prompt(row))
+        assert base["clean_refit:linear"][u] == pytest.approx(refit_linear(text), abs=1e-6)
+        a, b = oracle.candidate(row, "truth"), oracle.candidate(row, "model")
+        for c, op in enumerate(ops):
+            i = t["cell"].index(c, u * len(ops))
+            edited = edit_text(text, oracle.fmt, op)
+            prompt = tokenizer(edited)["input_ids"]
+            logprob_diff, decoded = raw_answers(model, prompt, a, b, oracle.max_new)
+            where = f"seed {row}, {op}"
+            np.testing.assert_allclose(t["logprob_diff"][i], logprob_diff, atol=2e-3, err_msg=where)
+            np.testing.assert_equal(t["decoded"][i], decoded, err_msg=where)
+            assert t["n_tokens"][i] == len(prompt)
+            assert t["changed_length"][i] == (len(prompt) != len(oracle.prompt(row)))
+            assert t["refit:linear"][i] == pytest.approx(refit_linear(edited), abs=1e-6), where
+            assert t["shift:linear"][i] == pytest.approx(refit_linear(edited) - refit_linear(text), abs=1e-6), where
+            assert t["shift"][i] == pytest.approx(t["decoded"][i] - base["clean_decoded"][u], nan_ok=True)
+            truth = store.y_true()[row] + (1.0 if op == "shift-y" else 0.0)
+            assert t["edited_truth"][i] == pytest.approx(truth)
+    assert t["changed_length"][t["cell"].index(1)]  # a dropped example shortens the prompt
+    assert not t["changed_length"][t["cell"].index(0)]  # +0.5 keeps every number's width here
+
+
+def test_the_noise_floor_edit_equals_greedy_decoding_of_the_lower_cased_prompt(smol, tokenizer):
+    from core.mechanism.lm import LMSubject
+
+    model, _, store, oracle = smol
+    subject = LMSubject.of_run(model, store, [0])
+    got = subject.non_numeric_changes(0)
+    # Independently: the prompt's text with the i-th example's "Output:" lower-cased, tokenized whole.
+    text = tokenizer.decode(oracle.prompt(0))
+    head, examples = text.split("\n\n\n\n\n", 1)
+    parts = examples.split("Output:")
+    base = raw_greedy(model, oracle.prompt(0), oracle.max_new)
+    want = []
+    for i in range(len(parts) - 2):  # the examples' labels, not the query's
+        edited = head + "\n\n\n\n\n" + "".join(p + ("output:" if j == i else "Output:")
+                                               for j, p in enumerate(parts[:-1])) + parts[-1]
+        want.append(raw_greedy(model, tokenizer(edited)["input_ids"], oracle.max_new) - base)
+    assert len(want) == store.attrs["dataset"]["n_examples"] and np.isfinite(want).all()
+    np.testing.assert_allclose(got, want, atol=1e-9)
 
 
 # bfloat16 against float32 on the same cells: the stated tolerance (README, "A GPU host").

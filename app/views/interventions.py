@@ -1,5 +1,6 @@
-"""Interventions: ablate or patch the model's activations live, on an intervention server,
-and read the effect per site and position with its bootstrap interval.
+"""Interventions: ablate or patch the model's activations, or edit the prompt's in-context
+data (`app.prompt_edits`), live, on an intervention server, and read the effect per site
+and position, or per edit, with its bootstrap interval.
 
 The app never loads a model: experiments go to the server at $WORKBENCH_SERVER
 (`python -m cache_builder serve ...`), and finished ones are read from the results
@@ -14,16 +15,17 @@ import pandas as pd
 import streamlit as st
 from pydantic import ValidationError
 
+from app import prompt_edits
 from app.common import cache_dir, chart, choose, download, header, param, pick_run, set_param
-from core.candidates import TRUTH
+from app.widgets import candidate_pair, check, integer, many, radio, text, unusable
 from core.interventions import archive
 from core.interventions.backend import fingerprint
 from core.interventions.client import HttpBackend, ServerError
 from core.interventions.plan import Plan, plan
 from core.interventions.result import DENOMINATOR_MIN, Result
-from core.interventions.spec import (SITE_KINDS, Ablation, ExperimentRequest, InterventionError, Patching, SiteGrid,
-                                     content_hash)
-from core.store import MODEL_COLUMN, RunStore
+from core.interventions.spec import (SITE_KINDS, Ablation, ExperimentRequest, InterventionError, Patching,
+                                     PromptEdit, content_hash)
+from core.store import RunStore
 
 DEFAULT_SERVER = "http://127.0.0.1:8765"
 SITE_LABELS = {"resid_pre": "residual stream (before the layer)", "attn_out": "attention output",
@@ -33,17 +35,20 @@ METHODS = {"zero": "zero: the activation set to 0 (off-distribution)",
            "resample": "resample: another seed's activation, same position"}
 METRICS = {"normalized": "normalised effect", "logprob_diff": "log-probability difference (nats)",
            "logit_diff": "logit difference at the first differing token", "abs_error": "absolute error of the answer"}
+EDIT_METRICS = {"shift": "shift of the answer (edited - unedited)", **METRICS}
+MODES = {"Ablate": "Ablate", "Patch": "Patch", "Edit": "Edit the prompt"}
 DIRECTIONS = {"denoising": "denoising: the corrupt prompt, the clean seed's activation patched in",
               "noising": "noising: the clean prompt, the corrupt seed's activation patched in"}
 PAIRINGS = {"consecutive": "consecutive finished seeds", "typed": "typed"}
 # The URL keys of the form: a link or a reopened experiment sets them, and their widgets restart from them.
 FORM_KEYS = ("mode", "site", "every_layer", "layers", "every_head", "heads", "pos", "method", "seeds", "a", "b",
-             "joint", "draws", "direction", "pairing", "npairs", "pairs")
+             "joint", "draws", "direction", "pairing", "npairs", "pairs", *prompt_edits.FORM_KEYS)
 MAX_PIVOT_CELLS = 60
 MAX_BARS = 60
 # The before/after table's first columns: the unit, the answers clean and under the intervention, the metric.
-BEFORE_AFTER = ["unit", "target_seed", "source_seed", "draw", "truth", "clean_text", "clean_decoded", "decoded_text",
-                "decoded", "abs_error", "m_clean", "m_corrupt", "logprob_diff", "normalized", "flagged"]
+BEFORE_AFTER = ["unit", "target_seed", "source_seed", "draw", "truth", "edited_truth", "clean_text", "clean_decoded",
+                "decoded_text", "decoded", "shift", "abs_error", "changed_length", "m_clean", "m_corrupt",
+                "logprob_diff", "normalized", "flagged"]
 
 
 # --- the server ---------------------------------------------------------------------------------------------------
@@ -79,68 +84,24 @@ def start_hint(store: RunStore) -> str:
             "to its token).")
 
 
-# --- widgets whose values live in the URL ---------------------------------------------------------------------------
-
-def _radio(label: str, key: str, options: list[str], default: str, **kw) -> str:
-    wanted = param(key)
-    index = options.index(wanted) if wanted in options else options.index(default)
-    value = st.radio(label, options, index=index, key=f"w:{key}", horizontal=True, **kw)
-    set_param(key, value)
-    return value
-
-
-def _check(label: str, key: str, default: bool, **kw) -> bool:
-    wanted = param(key)
-    value = st.checkbox(label, value=wanted == "1" if wanted in ("0", "1") else default, key=f"w:{key}", **kw)
-    set_param(key, "1" if value else "0")
-    return value
-
-
-def _many(label: str, key: str, options: list, default: list, **kw) -> list:
-    """A multiselect; values the options no longer hold (another run, another site kind) are dropped."""
-    names = [str(o) for o in options]
-    state = st.session_state.get(f"w:{key}")
-    if state is not None and any(str(v) not in names for v in state):
-        st.session_state.pop(f"w:{key}")
-    wanted = param(key)
-    start = default if wanted is None else [options[names.index(n)] for n in wanted.split(",") if n in names]
-    value = st.multiselect(label, options, default=start, key=f"w:{key}", **kw)
-    set_param(key, ",".join(map(str, value)))
-    return value
-
-
-def _int(label: str, key: str, default: int, lo: int, hi: int, **kw) -> int:
-    state = st.session_state.get(f"w:{key}")
-    if state is not None and not lo <= state <= hi:
-        st.session_state.pop(f"w:{key}")
-    try:
-        start = int(param(key, str(default)))
-    except ValueError:
-        start = default
-    value = st.number_input(label, lo, hi, value=min(max(start, lo), hi), step=1, key=f"w:{key}", **kw)
-    set_param(key, int(value))
-    return int(value)
-
-
-def _text(label: str, key: str, default: str, **kw) -> str:
-    value = st.text_input(label, value=param(key, default), key=f"w:{key}", **kw)
-    set_param(key, value)
-    return value
-
-
 def _reset_positions() -> None:
     """Another mode or site kind: the positions go back to that one's default."""
     set_param("pos", None)
     st.session_state.pop("w:pos", None)
 
 
-def _apply(request: ExperimentRequest, finished: list[int]) -> bool:
+def _apply(request: ExperimentRequest, store: RunStore, finished: list[int]) -> bool:
     """Puts a saved experiment's settings into the form (URL and widgets); False when the
     form cannot show all of them (an experiment made elsewhere, e.g. several site kinds)."""
     exp = request.experiment.root
     for key in FORM_KEYS:
         set_param(key, None)
         st.session_state.pop(f"w:{key}", None)
+    if isinstance(exp, PromptEdit):
+        values, whole = prompt_edits.form_values(exp, int(store.attrs["dataset"]["n_examples"]))
+        for key, value in {"mode": "Edit", **values}.items():
+            set_param(key, value)
+        return whole
     grid = exp.sites[0]
     values = {"site": grid.kind, "every_layer": "1" if grid.layers == "all" else "0", "pos": ",".join(exp.positions)}
     if grid.layers != "all":
@@ -202,21 +163,24 @@ def form(store: RunStore, finished: list[int]) -> ExperimentRequest | None:
     """The experiment the widgets describe; None (with a message shown) when they describe none."""
     info, data = store.attrs["model"], store.attrs["dataset"]
     n_layers, n_heads = int(info["n_layers"]), int(info["n_heads"])
-    mode = _radio("Experiment", "mode", ["Ablate", "Patch"], "Ablate", on_change=_reset_positions)
+    mode = radio("Experiment", "mode", list(MODES), "Ablate", format_func=MODES.get, on_change=_reset_positions)
+    if mode == "Edit":
+        experiment = prompt_edits.form(store, finished)
+        return None if experiment is None else _request(store, experiment)
     c1, c2 = st.columns(2)
     with c1:
         kind = choose("Site", "site", list(SITE_KINDS), sidebar=False, format_func=lambda k: f"{k}: {SITE_LABELS[k]}",
                       on_change=_reset_positions)
         top = n_layers if kind == "resid_pre" else n_layers - 1
-        every_layer = _check(f"Every layer (0-{top})", "every_layer", True)
-        layers = "all" if every_layer else _many("Layers", "layers", list(range(top + 1)), [0])
+        every_layer = check(f"Every layer (0-{top})", "every_layer", True)
+        layers = "all" if every_layer else many("Layers", "layers", list(range(top + 1)), [0])
         heads = None
         if kind == "head":
-            heads = "all" if _check(f"Every head (0-{n_heads - 1})", "every_head", True) else _many(
+            heads = "all" if check(f"Every head (0-{n_heads - 1})", "every_head", True) else many(
                 "Heads", "heads", list(range(n_heads)), [0])
     with c2:
         default_pos = ["stored"] if mode == "Patch" and kind != "head" else ["final"]
-        positions = _many("Positions", "pos", position_names(data["n_examples"], data["n_features"]), default_pos,
+        positions = many("Positions", "pos", position_names(data["n_examples"], data["n_features"]), default_pos,
                           help="final: the query's answer slot, where the answer is predicted; slot[k]: example k's "
                                "answer slot (the space after `Output:`); y[k]: example k's output value; x[k][j]: "
                                f"feature j of example k (k = {data['n_examples']}: the query); all: every token; "
@@ -228,27 +192,18 @@ def form(store: RunStore, finished: list[int]) -> ExperimentRequest | None:
     if mode == "Ablate":
         c1, c2 = st.columns(2)
         with c1:
-            method = _radio("Method", "method", list(METHODS), "zero", format_func=lambda m: m)
+            method = radio("Method", "method", list(METHODS), "zero", format_func=lambda m: m)
             st.caption(METHODS[method] + (". Zero is off-distribution: the layers after it never see a zero "
                                           "activation, so its effect mixes what the site carries with damage."
                                           if method == "zero" else "."))
-            draws = _int("Draws per seed", "draws", 3, 1, 32) if method == "resample" else 3
-            joint = _check("Together: every site at every position at once (one cell)", "joint", False)
+            draws = integer("Draws per seed", "draws", 3, 1, 32) if method == "resample" else 3
+            joint = check("Together: every site at every position at once (one cell)", "joint", False)
         with c2:
-            seeds = _many("Seeds", "seeds", finished, finished[:8])
-            candidates = [TRUTH, MODEL_COLUMN] + [c for c in store.columns if c != MODEL_COLUMN]
-            ca, cb = st.columns(2)
-            with ca:
-                a = choose("Candidate A", "a", candidates, default=TRUTH, sidebar=False)
-            with cb:
-                b = choose("Candidate B", "b", candidates, default=MODEL_COLUMN, sidebar=False)
+            seeds = many("Seeds", "seeds", finished, finished[:8])
+            a, b = candidate_pair(store)
             st.caption("Metric: log p(A) - log p(B) of the two whole answers, teacher-forced; normalised by its "
                        "clean value (1: no effect, 0: no preference left).")
-        if not seeds:
-            st.warning("Choose at least one seed.")
-            return None
-        if a == b:
-            st.warning("A and B are the same candidate: their difference is zero. Choose two.")
+        if unusable(seeds, (a, b)):
             return None
         experiment = dict(kind="ablation", method=method, seeds=seeds, pair=(a, b), joint=joint, n_resamples=draws)
     else:
@@ -257,20 +212,20 @@ def form(store: RunStore, finished: list[int]) -> ExperimentRequest | None:
             return None
         c1, c2 = st.columns(2)
         with c1:
-            direction = _radio("Direction", "direction", list(DIRECTIONS), "denoising")
+            direction = radio("Direction", "direction", list(DIRECTIONS), "denoising")
             st.caption(DIRECTIONS[direction] + ". Metric: log p(clean answer) - log p(corrupt answer), the model's "
                        "own clean answers; normalised effect (m - m_corrupt) / (m_clean - m_corrupt).")
         with c2:
-            pairing = _radio("Pairs (clean, corrupt)", "pairing", list(PAIRINGS), "consecutive",
+            pairing = radio("Pairs (clean, corrupt)", "pairing", list(PAIRINGS), "consecutive",
                              format_func=PAIRINGS.get)
             if pairing == "consecutive":
-                n = _int("Number of pairs", "npairs", min(8, len(finished) // 2), 1, len(finished) // 2)
+                n = integer("Number of pairs", "npairs", min(8, len(finished) // 2), 1, len(finished) // 2)
                 pairs = consecutive_pairs(finished, n)
             else:
-                text = _text("Pairs, clean:corrupt", "pairs", ", ".join(f"{c}:{r}" for c, r in
-                                                                         consecutive_pairs(finished, 8)))
+                typed = text("Pairs, clean:corrupt", "pairs", ", ".join(f"{c}:{r}" for c, r in
+                                                                        consecutive_pairs(finished, 8)))
                 try:
-                    pairs = parse_pairs(text)
+                    pairs = parse_pairs(typed)
                 except ValueError as exc:
                     st.warning(f"The pairs do not parse: {exc}.")
                     return None
@@ -283,10 +238,14 @@ def form(store: RunStore, finished: list[int]) -> ExperimentRequest | None:
     if layers != "all" and not layers or heads is not None and heads != "all" and not heads:
         st.warning("Choose at least one layer" + (" and one head." if kind == "head" else "."))
         return None
+    return _request(store, {**experiment, "sites": [{"kind": kind, "layers": layers, "heads": heads}],
+                            "positions": positions})
+
+
+def _request(store: RunStore, experiment: dict) -> ExperimentRequest | None:
+    """The request of that experiment on this run; None (with the reason shown) when it is not valid."""
     try:
-        grid = SiteGrid(kind=kind, layers=layers, heads=heads)
-        return ExperimentRequest(run=store.name.removesuffix(".zarr"),
-                                 experiment={**experiment, "sites": [grid], "positions": positions})
+        return ExperimentRequest(run=store.name.removesuffix(".zarr"), experiment=experiment)
     except ValidationError as exc:
         first = exc.errors()[0]
         st.warning(f"This experiment is not valid: {'.'.join(map(str, first['loc']))}: {first['msg']}.")
@@ -354,14 +313,14 @@ def heatmaps(summary: pd.DataFrame, metric: str) -> None:
         chart(c)
 
 
-def bars(summary: pd.DataFrame, metric: str) -> None:
+def bars(summary: pd.DataFrame, metric: str, metrics: dict[str, str]) -> None:
     """One bar per cell with its 95% interval (the MAX_BARS cells of largest |mean| when there are more)."""
     if len(summary) > MAX_BARS:
         st.caption(f"The {MAX_BARS} of {len(summary)} cells with the largest |mean|, in grid order.")
         summary = summary.loc[sorted(summary[metric].abs().nlargest(MAX_BARS).index)]
     base = alt.Chart(summary).encode(x=alt.X("label:N", sort=None, title=None,
                                              axis=alt.Axis(labelAngle=-60, labelLimit=260)))
-    chart((base.mark_bar().encode(y=alt.Y(f"{metric}:Q", title=METRICS[metric]), tooltip=_tooltip(metric))
+    chart((base.mark_bar().encode(y=alt.Y(f"{metric}:Q", title=metrics[metric]), tooltip=_tooltip(metric))
            + base.mark_rule(color="black").encode(y=f"{metric}_low:Q", y2=f"{metric}_high:Q"))
           .properties(height=320))
 
@@ -385,7 +344,9 @@ def show(result: Result, store: RunStore) -> None:
     prov = result.provenance
     st.subheader(f"Result `{result.hash}`")
     units = _n(len(result.baselines.get("unit", [])), "pair" if isinstance(exp, Patching) else "seed")
-    how = getattr(exp, "method", None) or getattr(exp, "direction", "")
+    edit = isinstance(exp, PromptEdit)
+    how = getattr(exp, "method", None) or getattr(exp, "direction", None) or ", ".join(dict.fromkeys(
+        e.op for e in exp.edits))
     st.caption(f"{exp.kind}, {how}: {_n(len(result.cells), 'cell')} on {units}; finished {prov.get('finished', '?')} "
                f"on {prov.get('device', '?')}" + (f" in {prov['seconds']:.1f} s" if prov.get("seconds") else "") + ".")
     for note in result.notes:
@@ -395,9 +356,13 @@ def show(result: Result, store: RunStore) -> None:
         st.info("Zero ablation is off-distribution: part of its effect is the damage a zero does downstream, not "
                 "only what the site carries. Mean or resample ablation keep the activation on-distribution.")
 
-    metric = choose("Metric", "metric", list(METRICS), sidebar=False, format_func=METRICS.get)
+    metrics = EDIT_METRICS if edit else METRICS
     with st.spinner("Bootstrap intervals (once per result)..."):
         summary = summary_of(result.hash, result)
+    if edit:
+        prompt_edits.shifts(result, summary)
+        prompt_edits.prompt_view(result, store)
+    metric = choose("Metric", "metric", list(metrics), sidebar=False, format_func=metrics.get)
     flagged = int(summary.flagged.sum())
     if flagged:
         st.warning(f"{flagged} of {len(result.table['cell'])} rows have |m_clean - m_corrupt| < {DENOMINATOR_MIN:g} "
@@ -407,12 +372,13 @@ def show(result: Result, store: RunStore) -> None:
     if summary[metric].isna().all():
         st.warning(f"No cell has a value of {metric}: every row is NaN (see the notes above and the rows below; "
                    "e.g. answers that are no number, or candidates that do not differ).")
-    st.caption("Colour: the mean over units; hover for its 95% bootstrap interval (units resampled), the number of "
-               "units with a value, and the flagged rows.")
-    heatmaps(summary, metric)
-    if isinstance(exp, Ablation):
-        st.markdown(f"**Per cell**: {METRICS[metric]}, mean and 95% interval")
-        bars(summary, metric)
+    if not edit:
+        st.caption("Colour: the mean over units; hover for its 95% bootstrap interval (units resampled), the number "
+                   "of units with a value, and the flagged rows.")
+        heatmaps(summary, metric)
+    if not isinstance(exp, Patching):
+        st.markdown(f"**Per {'edit' if edit else 'cell'}**: {metrics[metric]}, mean and 95% interval")
+        bars(summary, metric, metrics)
     with st.expander("The summary behind these charts"):
         st.dataframe(summary, hide_index=True)
     download(summary, f"interventions-{result.hash}-summary", "summary")
@@ -430,7 +396,7 @@ def show(result: Result, store: RunStore) -> None:
     st.dataframe(table, hide_index=True)
     download(table, f"interventions-{result.hash}-cell{cell}", "this cell's rows")
 
-    st.subheader(f"Per unit: {METRICS[metric]}")
+    st.subheader(f"Per unit: {metrics[metric]}")
     per_unit = frame.groupby(["unit", "cell"], sort=False)[metric].mean().reset_index()
     if len(result.cells) <= MAX_PIVOT_CELLS:
         pivot = per_unit.pivot(index="unit", columns="cell", values=metric)
@@ -491,7 +457,8 @@ def cost(store: RunStore, request: ExperimentRequest, served: dict | None) -> Pl
                 f"{' x ' + _n(draws, 'draw') if draws > 1 else ''}), about "
                 f"{p.clean_forwards:.1f} clean forward passes{seconds}.")
     if served and not per:
-        st.caption("The server has run no job yet: the time per forward pass is known after its first.")
+        st.caption("The server has timed no ablation or patching job yet: the time per forward pass is known after "
+                   "its first.")
     return p
 
 
@@ -548,8 +515,9 @@ def run_on_server(store: RunStore, request: ExperimentRequest) -> Result | None:
     return result
 
 
-header("Interventions", "Ablate or patch the model's activations at chosen sites and positions, live, on an "
-       "intervention server; the effect per cell with its 95% bootstrap interval over seeds or pairs.")
+header("Interventions", "Ablate or patch the model's activations at chosen sites and positions, or edit the prompt's "
+       "in-context data, live, on an intervention server; the effect per cell with its 95% bootstrap interval over "
+       "seeds or pairs.")
 run = pick_run()
 store = run.store
 name = store.name.removesuffix(".zarr")
@@ -567,7 +535,7 @@ if exp and st.session_state.get("iv:applied") != (name, exp):
         set_param("exp", None)
         exp = None
     else:
-        st.session_state["iv:whole"] = _apply(reopened.request, finished)
+        st.session_state["iv:whole"] = _apply(reopened.request, store, finished)
         st.session_state["iv:form"] = None  # the form it gives, once drawn below
     st.session_state["iv:applied"] = (name, exp)
 if st.session_state.pop("iv:message", None):

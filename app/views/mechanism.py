@@ -112,8 +112,11 @@ for col, (subject, path) in zip(cols, subjects.items()):
         download(card_table(card, subject), f"mechanism-card-{subject}")
 
 st.divider()
-subject = choose("Subject", "subject", list(subjects), sidebar=False)
-path = subjects[subject]
+# The toys' tables read like a subject's: what each test says of an algorithm known by construction.
+choices = {**subjects, **{f"toy: {toy}": p for toy, p in toys.items()}}
+subject = choose("Subject", "subject", list(choices), sidebar=False,
+                 help="the run's subjects, then the known-answer toys (their tests 1-7 read the same way)")
+path = choices[subject]
 dist = load_distances(str(path), _stamp(path))
 test = choose("Test", "test", [t for t in TESTS if t in set(dist["test"])], sidebar=False,
               format_func=lambda t: TEST_LABELS.get(t, t))

@@ -52,7 +52,8 @@ def list_results(cache_dir: str | Path, run: str) -> list[dict]:
         data = json.loads(path.read_text())
         exp = data["request"]["experiment"]
         out.append({"hash": data["hash"], "kind": exp["kind"],
-                    "method": exp.get("method") or exp.get("direction"), "cells": len(data["cells"]),
+                    "method": exp.get("method") or exp.get("direction") or ", ".join(
+                        dict.fromkeys(e["op"] for e in exp.get("edits", []))), "cells": len(data["cells"]),
                     "units": len(data["baselines"]["unit"]), "finished": data["provenance"].get("finished", ""),
                     "device": data["provenance"].get("device", "")})
     return sorted(out, key=lambda r: r["finished"], reverse=True)

@@ -67,6 +67,8 @@ class LocalBackend:
 
     def run(self, request: ExperimentRequest, progress: Progress | None = None) -> Result:
         from core.interventions.executor import execute
+        from core.interventions.prompt_edits import execute_edits
+        from core.interventions.spec import PromptEdit
 
         hash_ = content_hash(request)
         saved = archive.load(self.cache_dir, request.run, hash_)
@@ -75,7 +77,8 @@ class LocalBackend:
         store = open_run(self.cache_dir, request.run)
         check_model(store, self.fingerprint())
         t0 = time.time()
-        result = execute(self.model, store, request, progress)
+        runner = execute_edits if isinstance(request.experiment.root, PromptEdit) else execute
+        result = runner(self.model, store, request, progress)
         result.provenance.update(seconds=round(time.time() - t0, 3))
         archive.save(result, self.cache_dir)
         return result

@@ -31,9 +31,9 @@ from core.candidates import TRUTH, build_trie, candidate_texts
 from core.generation import NumberGrammar, answer_complete
 from core.interventions.backend import fingerprint
 from core.interventions.metrics import normalized_effect
-from core.interventions.plan import Plan, plan
+from core.interventions.plan import EditPlan, Plan, plan
 from core.interventions.result import Result
-from core.interventions.spec import Ablation, ExperimentRequest, Site, code_version, content_hash
+from core.interventions.spec import Ablation, ExperimentRequest, PromptEdit, Site, code_version, content_hash
 from core.models import LoadedModel
 from core.prompts import NumberFormat, parse_number
 from core.store import MODEL_COLUMN, RunStore, now
@@ -446,7 +446,7 @@ def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[n
             for i in range(len(prompts))]
 
 
-def unit_answers(store: RunStore, request: ExperimentRequest, p: Plan,
+def unit_answers(store: RunStore, request: ExperimentRequest, p: Plan | EditPlan,
                  tokenizer) -> list[tuple[list[int], list[int]]]:
     """Returns each unit's answers A and B as tokens ([] for a candidate with no number)."""
     exp = request.experiment.root
@@ -459,7 +459,7 @@ def unit_answers(store: RunStore, request: ExperimentRequest, p: Plan,
         cands = candidate_texts(y_true[row], texts[row], preds[row, 1:], fmt, a["dataset"]["n_features"])
         return encode(cands[[TRUTH, *store.columns].index(name)])
 
-    if isinstance(exp, Ablation):
+    if isinstance(exp, Ablation | PromptEdit):
         return [tuple(candidate(u.target, name) for name in exp.pair) for u in p.units]
     name = TRUTH if exp.answers == "truth" else MODEL_COLUMN
     return [(candidate(u.prompts[0], name), candidate(u.prompts[1], name)) for u in p.units]
@@ -602,12 +602,16 @@ def _result(request, store, model, p: Plan, jobs, row_jobs, baseline, started, t
                      "effect is left out (NaN), never divided.")
     if not decode:
         notes.append("Decoding was skipped: decoded answers are empty.")
-    provenance = {
+    return Result(hash=content_hash(request), request=request, cells=p.cells, table=table, baselines=base,
+                  provenance=provenance(model, store, p, started, t0, jobs=len(jobs), chunks=n_chunks), notes=notes)
+
+
+def provenance(model: LoadedModel, store: RunStore, p: Plan | EditPlan, started: str, t0: float, **extra) -> dict:
+    """Returns a result's provenance: the model's fingerprint, code, device, times, what ran."""
+    return {
         "model": fingerprint(model.info), "code_version": code_version(), "device": str(model.device),
         "dtype": str(next(model.hf_model.parameters()).dtype).removeprefix("torch."),
-        "started": started, "finished": now(), "rows": len(p.rows), "jobs": len(jobs), "chunks": n_chunks,
+        "started": started, "finished": now(), "rows": len(p.rows), **extra,
         "clean_forwards": round(p.clean_forwards, 3), "seconds_executor": round(time.perf_counter() - t0, 3),
         "store": store.name, "torch": torch.__version__,
     }
-    return Result(hash=content_hash(request), request=request, cells=p.cells, table=table, baselines=base,
-                  provenance=provenance, notes=notes)

@@ -13,7 +13,9 @@ import numpy as np
 
 from core.candidates import TRUTH
 from core.interventions import positions as named
-from core.interventions.spec import Ablation, Cell, ExperimentRequest, InterventionError, Patching, Site, SiteGrid
+from core.interventions.spec import (Ablation, Cell, EditSpec, ExperimentRequest, InterventionError, Patching,
+                                     PromptEdit, Site, SiteGrid)
+from core.regressors import UnknownName, get_regressor
 from core.store import MODEL_COLUMN, RunStore
 
 
@@ -55,6 +57,21 @@ class Plan:
     def start(self, row: Row) -> tuple[int, int]:
         """Returns (layer, position) from which `row` can change anything."""
         return self.starts[row.cell, self.units[row.unit].target]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class EditPlan:
+    """A prompt-edit experiment's rows: each edit (cell) on each seed (unit)."""
+
+    cells: list[EditSpec]
+    units: list[Unit]
+    rows: list[Row]
+    regressors: list[str]
+    clean_forwards: float  # at most: an edit that keeps the token count recomputes only its tail
 
     @property
     def n_rows(self) -> int:
@@ -106,9 +123,58 @@ def start(cell: Cell, spans: named.Spans, row: int) -> tuple[int, int]:
     return min(s.layer for s in cell.sites), first
 
 
-def plan(store: RunStore, request: ExperimentRequest, model_info: dict) -> Plan:
+def _check_pair(store: RunStore, pair: tuple[str, str]) -> None:
+    candidates = [TRUTH, *store.columns]
+    for name in pair:
+        if name not in candidates:
+            raise InterventionError(f"no candidate {name!r}; use truth, {MODEL_COLUMN} or a regressor of the run")
+    if pair[0] == pair[1]:
+        raise InterventionError("the pair names one candidate twice: their difference is zero")
+
+
+def check_edit(edit: EditSpec, n_examples: int, n_features: int) -> None:
+    """Raises InterventionError when the edit does not fit a run of these examples and features."""
+    if edit.example is not None and not 0 <= edit.example < n_examples:
+        raise InterventionError(f"{edit.op}: example {edit.example} is out of range: the run has examples "
+                                f"0-{n_examples - 1}")
+    if edit.feature is not None and not 0 <= edit.feature < n_features:
+        raise InterventionError(f"{edit.op}: feature {edit.feature} is out of range: the run has features "
+                                f"0-{n_features - 1}")
+    if edit.x is not None and len(edit.x) != n_features:
+        raise InterventionError(f"{edit.op}: x has {len(edit.x)} values; the run's examples have {n_features} "
+                                "features")
+    if edit.k is not None and not 1 <= edit.k <= n_examples:
+        raise InterventionError(f"prefix: k = {edit.k} is out of range: keep 1-{n_examples} examples")
+    if edit.op == "drop" and n_examples < 2:
+        raise InterventionError("drop: the run has one example; dropping it leaves no data")
+
+
+def plan_edits(store: RunStore, exp: PromptEdit) -> EditPlan:
+    """Returns a prompt-edit experiment's rows; raises InterventionError for what cannot run."""
+    data = store.attrs["dataset"]
+    for edit in exp.edits:
+        check_edit(edit, data["n_examples"], data["n_features"])
+    _check_pair(store, exp.pair)
+    names = [c for c in store.columns if c != MODEL_COLUMN] if exp.regressors == "run" else list(exp.regressors)
+    for name in names:
+        try:
+            get_regressor(name)
+        except UnknownName as exc:
+            raise InterventionError(exc.args[0]) from None
+    if exp.readout == "number" and store.attrs["prompt"]["format"] != "aligned":
+        raise InterventionError(f"the number readout needs a run in the aligned format; {store.name} is "
+                                f"{store.attrs['prompt']['format']}")
+    seeds = _rows_of(store, exp.seeds, store.done())
+    units = [Unit(f"seed {store.seeds[row]}", row, (row,)) for row in seeds]
+    rows = [Row(c, u, 0, -1) for u in range(len(units)) for c in range(len(exp.edits))]
+    return EditPlan(list(exp.edits), units, rows, names, float(len(rows) + len(units)))
+
+
+def plan(store: RunStore, request: ExperimentRequest, model_info: dict) -> Plan | EditPlan:
     """Returns the experiment's rows on this store; raises InterventionError for what cannot run."""
     exp = request.experiment.root
+    if isinstance(exp, PromptEdit):
+        return plan_edits(store, exp)
     a = store.attrs
     n_layers, n_heads = int(model_info["n_layers"]), int(model_info["n_heads"])
     n_examples, n_features = a["dataset"]["n_examples"], a["dataset"]["n_features"]
@@ -131,12 +197,7 @@ def plan(store: RunStore, request: ExperimentRequest, model_info: dict) -> Plan:
     rows: list[Row] = []
     units: list[Unit] = []
     if isinstance(exp, Ablation):
-        candidates = [TRUTH, *store.columns]
-        for name in exp.pair:
-            if name not in candidates:
-                raise InterventionError(f"no candidate {name!r}; use truth, {MODEL_COLUMN} or a regressor of the run")
-        if exp.pair[0] == exp.pair[1]:
-            raise InterventionError("the pair names one candidate twice: their difference is zero")
+        _check_pair(store, exp.pair)
         seeds = _rows_of(store, exp.seeds, done)
         finished = np.nonzero(done)[0]
         if exp.method == "resample" and len(finished) < 2:

@@ -174,7 +174,9 @@ class Worker:
             return
         seconds = time.perf_counter() - t0
         with self.lock:
-            if not cached and job.clean_forwards > 0:
+            # A prompt edit's time is mostly decoding and regressor refits: it would skew the
+            # per-forward time the app estimates activation experiments with.
+            if not cached and job.clean_forwards > 0 and job.request.experiment.root.kind != "edit":
                 self.seconds += seconds
                 self.forwards += job.clean_forwards
             job.result_json, job.progress, job.stage, job.status = result_json, 1.0, "done", "done"

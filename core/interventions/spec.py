@@ -9,14 +9,18 @@ pair (patching): one batch row each.
 Positions are named and resolved per seed from the run store (`core.interventions.positions`):
 `final`, `slot[k]`, `y[k]`, `x[k][j]`, `all`; `stored` expands to one cell per stored
 position (`acts/positions`: every answer slot, the final last).
+
+A prompt edit changes the seed's in-context data instead of an activation: each cell
+is one `EditSpec` (`core.interventions.prompt_edits` applies it), run on every seed.
 """
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
 SCHEMA_VERSION = 1
 SiteKind = Literal["resid_pre", "attn_out", "mlp_out", "head"]
@@ -111,8 +115,90 @@ class Patching(_Strict):
     pairs: list[tuple[int, int]] = Field(min_length=1)
 
 
-class Experiment(RootModel[Annotated[Ablation | Patching, Field(discriminator="kind")]]):
-    """An ablation or a patching experiment (discriminated by `kind`)."""
+EditOp = Literal["perturb-y", "drop", "replace", "permute", "duplicate", "scale-x", "scale-feature", "shift-y",
+                 "shuffle-y", "add-distractor", "prefix", "query"]
+# What each edit reads: the fields it needs (any other given is refused, never ignored).
+EDIT_FIELDS: dict[str, tuple[str, ...]] = {
+    "perturb-y": ("example", "value"), "drop": ("example",), "replace": ("example", "x", "value"),
+    "permute": ("draw",), "duplicate": ("example",), "scale-x": ("value",), "scale-feature": ("feature", "value"),
+    "shift-y": ("value",), "shuffle-y": ("draw",), "add-distractor": ("draw",), "prefix": ("k",), "query": ("x",),
+}
+
+
+class EditSpec(_Strict):
+    """One edit of a seed's in-context data (`core.mechanism.edits` does each):
+
+    - `perturb-y`: y of `example` + `value`; `shift-y`: every y + `value`;
+    - `drop` / `duplicate` `example` (the copy goes after the last example);
+      `replace` `example` by (`x`, `value`);
+    - `permute` the examples, `shuffle-y` the y's among them, `add-distractor` (one more
+      feature): random, drawn per seed from (`draw`, seed);
+    - `scale-x`: every x and the query times `value` (10: a decimal shift);
+      `scale-feature`: `feature` times `value`;
+    - `prefix`: only the first `k` examples; `query`: the query moved to `x`.
+    """
+
+    op: EditOp
+    example: int | None = None
+    feature: int | None = None
+    value: float | None = None
+    x: list[float] | None = None
+    k: int | None = None
+    draw: int = 0
+
+    @model_validator(mode="after")
+    def _fields_of_op(self) -> "EditSpec":
+        wants = EDIT_FIELDS[self.op]
+        given = {f for f in ("example", "feature", "value", "x", "k") if getattr(self, f) is not None}
+        given |= {"draw"} if self.draw else set()
+        if missing := [f for f in wants if f not in given and f != "draw"]:
+            raise ValueError(f"edit {self.op} needs {' and '.join(missing)}")
+        if extra := sorted(given - set(wants)):
+            raise ValueError(f"edit {self.op} takes no {' or '.join(extra)} (it reads {', '.join(wants)})")
+        if not all(math.isfinite(v) for v in [*(self.x or []), *([self.value] if self.value is not None else [])]):
+            raise ValueError(f"edit {self.op}: every number must be finite")
+        if self.op in ("scale-x", "scale-feature") and self.value == 0:
+            raise ValueError(f"edit {self.op}: a factor of 0 erases the x's")
+        return self
+
+    @property
+    def label(self) -> str:
+        num = lambda v: f"{v:g}"  # noqa: E731
+        vec = lambda: "(" + ", ".join(num(v) for v in self.x) + ")"  # noqa: E731
+        return {
+            "perturb-y": lambda: f"y[{self.example}] {self.value:+g}",
+            "shift-y": lambda: f"y {self.value:+g}",
+            "drop": lambda: f"drop example {self.example}",
+            "duplicate": lambda: f"duplicate example {self.example}",
+            "replace": lambda: f"example {self.example} := {vec()} -> {num(self.value)}",
+            "permute": lambda: f"permute (draw {self.draw})",
+            "shuffle-y": lambda: f"shuffle y (draw {self.draw})",
+            "add-distractor": lambda: f"add distractor (draw {self.draw})",
+            "scale-x": lambda: f"x * {num(self.value)}",
+            "scale-feature": lambda: f"x[{self.feature}] * {num(self.value)}",
+            "prefix": lambda: f"first {self.k} examples",
+            "query": lambda: f"query := {vec()}",
+        }[self.op]()
+
+
+class PromptEdit(_Strict):
+    """Each edit (a cell) of each seed's prompt, re-run: the model's teacher-forced
+    log-probability difference of `pair` (the seed's unedited candidates, as for an
+    ablation) and its greedy answer (`readout` `number`: within the run's number
+    format), beside every regressor refit on the same edited data (`regressors`: the
+    run's, or named ones). An edit that keeps the prompt's token count reuses the seed's
+    clean KV cache up to its first changed token; one that changes it is flagged."""
+
+    kind: Literal["edit"] = "edit"
+    edits: list[EditSpec] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    pair: tuple[str, str] = ("truth", "model")
+    regressors: list[str] | Literal["run"] = "run"
+    readout: Literal["greedy", "number"] = "greedy"
+
+
+class Experiment(RootModel[Annotated[Ablation | Patching | PromptEdit, Field(discriminator="kind")]]):
+    """An ablation, a patching or a prompt-edit experiment (discriminated by `kind`)."""
 
 
 class ExperimentRequest(_Strict):
@@ -124,9 +210,11 @@ class ExperimentRequest(_Strict):
 
 
 def code_version() -> str:
-    """Returns a hash of the interventions code: results of other code are other results."""
+    """Returns a hash of the interventions code and the prompt edits it runs: results of
+    other code are other results."""
     h = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    mechanism = Path(__file__).parent.parent / "mechanism"
+    for path in sorted(Path(__file__).parent.glob("*.py")) + [mechanism / "edits.py", mechanism / "lm.py"]:
         h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()[:16]
 

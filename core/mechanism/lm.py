@@ -35,6 +35,11 @@ def run_tasks(store: RunStore, rows: list[int]) -> list[Task]:
     return [Task(x[i].astype(np.float64), y[i].astype(np.float64), q[i].astype(np.float64)) for i in rows]
 
 
+def numbers(out: list[dict]) -> Float[np.ndarray, " m"]:
+    """Returns the number of each `run_prompts` answer (NaN where it wrote none)."""
+    return np.array([parse_number(o["decoded_text"]) for o in out], dtype=np.float64)
+
+
 def task_format(fmt: NumberFormat, task: Task) -> NumberFormat:
     """Returns the run's format widened where the task needs more integer digits or has
     more columns (an added feature): the run's widths otherwise, so an edit that stays
@@ -46,6 +51,11 @@ def task_format(fmt: NumberFormat, task: Task) -> NumberFormat:
     run = fmt.int_digits  # features..., y
     widths = [max(need[j], run[j] if j < len(run) - 1 else 1) for j in range(len(cols) - 1)]
     return NumberFormat(fmt.kind, (*widths, max(need[-1], run[-1])))
+
+
+def task_text(fmt: NumberFormat, task: Task) -> str:
+    """Returns the task's prompt in a run's format (widened where the task needs it)."""
+    return prompt_text(Sample(-1, task.x, task.y, task.q, float("nan")), task_format(fmt, task))
 
 
 @dataclass
@@ -83,8 +93,7 @@ class LMSubject:
 
     def prompt(self, task: Task) -> Int[np.ndarray, " T"]:
         """Returns the task's prompt tokens in the run's format."""
-        sample = Sample(-1, task.x, task.y, task.q, float("nan"))
-        text = prompt_text(sample, task_format(self._fmt, task))
+        text = task_text(self._fmt, task)
         return np.asarray(self.model.tokenizer(text)["input_ids"], dtype=np.int64)
 
     def check_tokenizer(self) -> None:
@@ -95,8 +104,11 @@ class LMSubject:
 
     def predict(self, base: int, tasks: Sequence[Task]) -> Float[np.ndarray, " m"]:
         """Returns the model's greedy answer (as a number, NaN if none) to each task."""
-        return self._answers(base, [self.prompt(t) for t in tasks],
-                             [task_format(self._fmt, t).int_digits[-1] for t in tasks])
+        return numbers(self.run(base, [self.prompt(t) for t in tasks], [self.y_digits(t) for t in tasks]))
+
+    def y_digits(self, task: Task) -> int:
+        """Returns the integer digits the task's prompt gives the answer's column."""
+        return task_format(self._fmt, task).int_digits[-1]
 
     def _grammar(self, int_digits: int) -> NumberGrammar | None:
         if self.readout == "greedy":
@@ -105,17 +117,19 @@ class LMSubject:
             self._grammars[int_digits] = NumberGrammar(self.model, int_digits)
         return self._grammars[int_digits]
 
-    def _answers(self, base: int, prompts: list[Int[np.ndarray, " T"]],
-                 y_digits: list[int]) -> Float[np.ndarray, " m"]:
+    def run(self, base: int, prompts: list[Int[np.ndarray, " T"]], y_digits: list[int],
+            answers: list[tuple[list[int], list[int]]] | None = None) -> list[dict]:
+        """Returns `run_prompts` of prompts edited from base `base` (each with its answer
+        column's integer digits) under the subject's readout, and counts them."""
         # A number readout needs room for the widest answer its grammar allows, and its end.
         max_new = int(self.store.attrs["prompt"]["max_new_tokens"])
         if self.readout == "number":
             max_new = max(max_new, max(y_digits) + 5)
-        out = run_prompts(self.model, self.tokens[base], prompts, max_new, progress=self.progress,
+        out = run_prompts(self.model, self.tokens[base], prompts, max_new, answers=answers, progress=self.progress,
                           grammars=[self._grammar(d) for d in y_digits])
         self.prompts_run += len(prompts)
         self.changed_length += sum(not o["reused"] for o in out)
-        return np.array([parse_number(o["decoded_text"]) for o in out], dtype=np.float64)
+        return out
 
     def non_numeric_changes(self, base: int) -> Float[np.ndarray, " n"]:
         """Returns, per example i, how far the answer moves when example i's `Output` is
@@ -129,5 +143,5 @@ class LMSubject:
         if len(word) != 1 or len(lower) != 1 or len(colon) != 1 or len(at) != n:
             return np.full(n, np.nan)
         prompts = [tokens] + [np.where(np.arange(len(tokens)) == i, lower[0], tokens) for i in at]
-        a = self._answers(base, prompts, [self._fmt.int_digits[-1]] * len(prompts))
+        a = numbers(self.run(base, prompts, [self._fmt.int_digits[-1]] * len(prompts)))
         return a[1:] - a[0]
