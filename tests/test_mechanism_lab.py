@@ -209,9 +209,11 @@ def test_cli_runs_the_lab_on_a_run_and_refuses_bad_input(tiny_run, capsys):
         assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_mechanism_page_shows_the_cards_and_a_tests_families(tiny_run, toy_cards):
-    cache, store = tiny_run
+def test_mechanism_page_shows_the_cards_and_a_tests_families(tiny_run, toy_cards, tmp_path):
+    run_cache, store = tiny_run
     _, toy_out = toy_cards
+    cache = tmp_path / "cache"  # the page's own cache: the run store, the toys and the subjects below
+    shutil.copytree(run_cache / store.name, cache / store.name)
     # The toys' tables beside the run's: the page reads both from one cache directory.
     shutil.copytree(toy_out / "mechanism" / lab.TOYS, cache / "mechanism" / lab.TOYS, dirs_exist_ok=True)
     # A subject whose algorithm is known (the last example's y) stands in for a model on the run.
@@ -255,6 +257,16 @@ def test_mechanism_page_shows_the_cards_and_a_tests_families(tiny_run, toy_cards
         "subject == 'last-control' and k == 2")
     np.testing.assert_allclose(saved.sort_values("seed")["error"],
                                np.abs(np.round([t.y[1] for t in tasks], 2) - truths), atol=1e-12)
+    # Test 3 of the run's own model links to the same edits, live, on the Interventions page.
+    spec = store.attrs["model"]["spec"]
+    lab.run_lab(PredictSubject(spec, regressor_subject("last").fn), tasks, lab.lab_dir(cache, store.name, spec),
+                [store.seeds[r] for r in rows], truths, tests=("agreement", "weights"))
+    at.run()  # the page lists the new subject
+    at.selectbox(key="w:subject").set_value(spec).run()
+    link = next(m.value for m in at.markdown if "live](interventions?" in m.value)
+    assert "mode=Edit&ops=perturb-y&every_example=1&seeds=0%2C1%2C2" in link
+    assert not any("live](interventions?" in m.value for m in
+                   at.selectbox(key="w:subject").set_value("last-control").run().markdown)
     # A toy's tests read the same way: the lookup of a fixed function moves for no dropped example.
     at.selectbox(key="w:subject").set_value("toy: lookup").run()
     assert not at.exception

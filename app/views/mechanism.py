@@ -139,6 +139,15 @@ if test == "weights":
             download(noise, f"mechanism-noise-{subject}", "noise floor per seed")
     else:
         st.caption("No noise-floor control saved for this subject (`--tests noise`).")
+    spec = run.store.attrs["model"]["spec"]
+    if subject in (spec, f"{spec}+number"):
+        _, lab_seeds = load_bases(path)
+        live = urlencode({"run": name.removesuffix(".zarr"), "mode": "Edit", "ops": "perturb-y", "every_example": "1",
+                          "seeds": ",".join(map(str, lab_seeds[:4])), "a": "truth", "b": "model",
+                          "readout": "number" if subject.endswith("+number") else "greedy"})
+        st.markdown(f"[Perturb every y_i of these seeds live](interventions?{live}) on the Interventions page (an "
+                    "intervention server runs the run's model): each edit's shift beside every regressor's, one "
+                    "delta for all seeds (a tenth of the run's spread of y).")
 part = dist[dist["test"] == test].assign(family=lambda d: d["reference"].map(family))
 chart(alt.Chart(part).mark_boxplot(extent="min-max").encode(
     x=alt.X("distance", title="distance per seed"),
