@@ -36,11 +36,20 @@ FORM_KEYS = ("ops", "every_example", "example", "delta", "factor", "feature", "k
 
 
 def parse_vectors(typed: str, n_features: int) -> list[list[float]]:
-    """Parses `0.5; 1.2` (one query per `;`, its features separated by `,`); raises
-    ValueError with a readable message."""
+    """Parses `0.5; 1.2` (one query per `;`, its features separated by `,`; with one
+    feature, `lo:hi:m` is m evenly spaced values); raises ValueError with a readable message."""
     out = []
     for part in typed.split(";"):
         if not part.strip():
+            continue
+        if n_features == 1 and part.count(":") == 2:
+            try:
+                lo, hi, m = float(part.split(":")[0]), float(part.split(":")[1]), int(part.split(":")[2])
+            except ValueError:
+                raise ValueError(f"{part.strip()!r} is not lo:hi:m (two numbers and a count)") from None
+            if not 1 <= m <= 200:
+                raise ValueError(f"{part.strip()!r} asks for {m} points; give 1-200")
+            out += [[round(float(v), 2)] for v in np.linspace(lo, hi, m)]
             continue
         try:
             values = [float(v) for v in part.split(",")]
@@ -112,8 +121,9 @@ def form(store: RunStore, finished: list[int]) -> dict | None:
             draws = integer("Random draws of permute, shuffle-y, add-distractor", "edraws", 1, 1, 8)
         try:
             if "query" in ops:
-                queries = parse_vectors(text("Queries (query; `;` between queries, `,` between features)",
-                                             "queries", "; ".join(", ".join(["0.0"] * f) for _ in range(1))), f)
+                hint = "; `lo:hi:m`: m evenly spaced queries" if f == 1 else ""
+                queries = parse_vectors(text(f"Queries (query; `;` between queries, `,` between features{hint})",
+                                             "queries", ", ".join(["0.0"] * f)), f)
             if "replace" in ops:
                 replace_x = parse_vectors(text("The new example's x (replace)", "rx", ", ".join(["0.0"] * f)), f)[0]
                 replace_y = number("The new example's y (replace)", "ry", 0.0)
@@ -193,6 +203,33 @@ def shifts(result: Result, summary: pd.DataFrame) -> None:
     st.caption("Closest regressor per edit: the one whose mean shift is nearest the model's "
                "(`core.interventions.prompt_edits.closest_regressors`).")
     st.dataframe(closest_regressors(summary), hide_index=True)
+
+
+def query_curve(result: Result, store: RunStore, frame: pd.DataFrame) -> None:
+    """On a 1-feature run: one seed's answer as the query moves, the model's beside each
+    refit regressor's, over that seed's examples (the implicit function, live)."""
+    exp = result.request.experiment.root
+    cells = [c for c, e in enumerate(exp.edits) if e.op == "query"]
+    if store.attrs["dataset"]["n_features"] != 1 or len(cells) < 2:
+        return
+    st.markdown("**The answer as the query moves** (the context fixed): the model's greedy answer and each "
+                "regressor refit on the same context, over the seed's examples.")
+    seed = st.selectbox("Seed of the curve", exp.seeds, key="w:curve_seed")
+    regs = [c.removeprefix("refit:") for c in frame.columns if c.startswith("refit:")]
+    shown = [r for r in regs if r in REPRESENTATIVE][:4] or regs[:4]
+    rows = frame[(frame.target_seed == seed) & frame.cell.isin(cells)]
+    xs = [exp.edits[c].x[0] for c in rows.cell]
+    curves = pd.concat([pd.DataFrame({"x": xs, "answer": rows["decoded"].to_numpy(), "subject": "model"})]
+                       + [pd.DataFrame({"x": xs, "answer": rows[f"refit:{r}"].to_numpy(), "subject": r})
+                          for r in shown], ignore_index=True)
+    row = store.index(int(seed))
+    examples = pd.DataFrame({"x": store.root["x_train"][row][:, 0], "answer": store.root["y_train"][row]})
+    order = ["model", *shown]
+    lines = alt.Chart(curves).mark_line(point=True).encode(
+        x=alt.X("x:Q", title="query x"), y=alt.Y("answer:Q", title="answer"),
+        color=alt.Color("subject:N", sort=order), tooltip=["subject", "x", alt.Tooltip("answer:Q", format=".2f")])
+    dots = alt.Chart(examples).mark_point(color="black", filled=True, size=40).encode(x="x:Q", y="answer:Q")
+    chart((lines + dots).properties(height=320))
 
 
 def prompt_view(result: Result, store: RunStore) -> None:

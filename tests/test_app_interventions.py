@@ -229,7 +229,52 @@ def test_prompt_edits_run_on_the_server_beside_the_refit_regressors(cache, serve
     again = page(cache, closed_port_url(), None, exp=saved.hash)
     assert not again.exception and again.radio(key="w:mode").value == "Edit"
     assert again.multiselect(key="w:ops").value == ["perturb-y", "permute"]
+    assert not any("only part of it" in i.value for i in again.info)  # the form shows it whole
     assert any(f"Already run: result `{saved.hash}`" in c.value for c in again.caption)
+
+
+def test_a_query_grid_draws_the_answer_as_the_query_moves(tiny, tmp_path):
+    """A 1-feature run's query edits, run in process and reopened by link without a server:
+    the curve is the model's answers and the regressors refit on the seed's examples."""
+    import pyarrow as pa
+    from sklearn.linear_model import LinearRegression
+
+    from core.interventions.backend import LocalBackend
+    from core.interventions.spec import ExperimentRequest
+
+    store = Path(build(BuildSpec("tiny-random-llama", "linear-ni11", 4, [0, 1], regressors=["linear", "mean"],
+                                 batch_size=2, acts="none"), tmp_path, progress=False))
+    run = store.name.removesuffix(".zarr")
+    grid = [-1.0, 0.0, 1.5]
+    request = ExperimentRequest.model_validate({"run": run, "experiment": {
+        "kind": "edit", "edits": [{"op": "query", "x": [v]} for v in grid], "seeds": [1]}})
+    result = LocalBackend(tiny, tmp_path).run(request)
+    at = page(tmp_path, closed_port_url(), None, run=run, exp=result.hash)
+    assert not at.exception, [e.value for e in at.exception]
+    frames = [pa.ipc.open_stream(d.data.data).read_all().to_pandas()
+              for c in at.get("vega_lite_chart") for d in c.proto.datasets]
+    curve = next(f for f in frames if {"x", "answer", "subject"} <= set(f.columns))
+    z = zarr.open_group(str(store), mode="r")
+    x, y = np.round(z["x_train"][1], 2), np.round(z["y_train"][1], 2)
+    by = {name: part.sort_values("x") for name, part in curve.groupby("subject")}
+    assert by["linear"]["answer"].to_numpy() == pytest.approx(
+        LinearRegression().fit(x, y).predict(np.array(grid)[:, None]), abs=1e-6)
+    assert by["mean"]["answer"].to_numpy() == pytest.approx([y.mean()] * 3, abs=1e-9)
+    np.testing.assert_array_equal(by["model"]["answer"].to_numpy(), np.array(result.table["decoded"]))
+
+
+def test_typed_queries_parse_to_the_edits_they_name():
+    from app.prompt_edits import build_edits, parse_vectors
+
+    assert parse_vectors("-1:1:5", 1) == [[-1.0], [-0.5], [0.0], [0.5], [1.0]]
+    assert parse_vectors("0.5, 1; 2, 3", 2) == [[0.5, 1.0], [2.0, 3.0]]
+    for typed, n, message in [("1, 2", 1, "has 2 values"), ("a:b:3", 1, "lo:hi:m"), ("0:1:500", 1, "1-200"),
+                              (" ; ", 1, "no value")]:
+        with pytest.raises(ValueError, match=message):
+            parse_vectors(typed, n)
+    edits = build_edits(["perturb-y", "permute", "query"], [0, 2], 0.5, 10.0, 0, 3, [[0.0], [1.0]], [], 0.0, 2)
+    assert [e.label for e in edits] == ["y[0] +0.5", "y[2] +0.5", "permute (draw 0)", "permute (draw 1)",
+                                        "query := (0)", "query := (1)"]
 
 
 def test_earlier_experiments_are_listed_and_reopen(cache, run_name, ablation, patching):

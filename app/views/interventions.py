@@ -361,6 +361,7 @@ def show(result: Result, store: RunStore) -> None:
         summary = summary_of(result.hash, result)
     if edit:
         prompt_edits.shifts(result, summary)
+        prompt_edits.query_curve(result, store, result.frame())
         prompt_edits.prompt_view(result, store)
     metric = choose("Metric", "metric", list(metrics), sidebar=False, format_func=metrics.get)
     flagged = int(summary.flagged.sum())
