@@ -25,7 +25,6 @@ from core.interventions.plan import plan
 from core.interventions.positions import Spans
 from core.interventions.spec import ExperimentRequest
 from core.models import load_model
-from core.prompts import NumberFormat
 from core.store import RunStore
 
 RUNS = ["smollm2-135m__linear-ni11__n20__aligned", "smollm2-135m__friedman2__n25__aligned"]
@@ -120,7 +119,7 @@ def resid_grid(model, store: RunStore, sample: int, decodes: tuple[bool, ...] = 
     row_c, row_r = store.index(clean), store.index(corrupt)
     tokens = store.tokens(row_r)
     a = store.attrs
-    fmt = NumberFormat(a["prompt"]["format"], tuple(a["prompt"]["int_digits"]))
+    fmt = store.number_format()
     enc = lambda v: model.tokenizer.encode(fmt.write(v, a["dataset"]["n_features"]), add_special_tokens=False)  # noqa: E731
     answers = (enc(store.y_true()[row_c]), enc(store.y_true()[row_r]))
     spans = Spans(store)

@@ -27,6 +27,7 @@ from core import candidates as core_candidates
 from core import summary as core_summary
 from core.candidates import TRUTH, SeedCandidates
 from core.heads import HEAD_SCORES
+from core.prompts import NumberFormat
 
 SCHEMA_VERSION = 2  # 2: candidates/, summary/, vocab/
 MODEL_COLUMN = "model"
@@ -251,6 +252,11 @@ class RunStore:
 
     def y_true(self) -> Float[np.ndarray, " s"]:
         return self.root["y_true"][:]
+
+    def number_format(self) -> NumberFormat:
+        """Returns the number format the run's prompts are written in."""
+        a = self.attrs["prompt"]
+        return NumberFormat(a["format"], tuple(a["int_digits"]))
 
     def llm_text(self) -> np.ndarray:
         return self.root["llm_text"][:]

@@ -181,10 +181,10 @@ def form(store: RunStore, finished: list[int]) -> ExperimentRequest | None:
     with c2:
         default_pos = ["stored"] if mode == "Patch" and kind != "head" else ["final"]
         positions = many("Positions", "pos", position_names(data["n_examples"], data["n_features"]), default_pos,
-                          help="final: the query's answer slot, where the answer is predicted; slot[k]: example k's "
-                               "answer slot (the space after `Output:`); y[k]: example k's output value; x[k][j]: "
-                               f"feature j of example k (k = {data['n_examples']}: the query); all: every token; "
-                               "stored: one cell per stored position (every answer slot and the final one).")
+                         help="final: the query's answer slot, where the answer is predicted; slot[k]: example k's "
+                              "answer slot (the space after `Output:`); y[k]: example k's output value; x[k][j]: "
+                              f"feature j of example k (k = {data['n_examples']}: the query); all: every token; "
+                              "stored: one cell per stored position (every answer slot and the final one).")
     if kind == "resid_pre":
         st.caption(f"resid_pre layer l is the residual stream entering layer l; layer {n_layers} is after the last "
                    "layer, before the final norm.")
@@ -217,7 +217,7 @@ def form(store: RunStore, finished: list[int]) -> ExperimentRequest | None:
                        "own clean answers; normalised effect (m - m_corrupt) / (m_clean - m_corrupt).")
         with c2:
             pairing = radio("Pairs (clean, corrupt)", "pairing", list(PAIRINGS), "consecutive",
-                             format_func=PAIRINGS.get)
+                            format_func=PAIRINGS.get)
             if pairing == "consecutive":
                 n = integer("Number of pairs", "npairs", min(8, len(finished) // 2), 1, len(finished) // 2)
                 pairs = consecutive_pairs(finished, n)
@@ -357,11 +357,12 @@ def show(result: Result, store: RunStore) -> None:
                 "only what the site carries. Mean or resample ablation keep the activation on-distribution.")
 
     metrics = EDIT_METRICS if edit else METRICS
+    frame = result.frame()
     with st.spinner("Bootstrap intervals (once per result)..."):
         summary = summary_of(result.hash, result)
     if edit:
         prompt_edits.shifts(result, summary)
-        prompt_edits.query_curve(result, store, result.frame())
+        prompt_edits.query_curve(result, store, frame)
         prompt_edits.prompt_view(result, store)
     metric = choose("Metric", "metric", list(metrics), sidebar=False, format_func=metrics.get)
     flagged = int(summary.flagged.sum())
@@ -384,7 +385,6 @@ def show(result: Result, store: RunStore) -> None:
         st.dataframe(summary, hide_index=True)
     download(summary, f"interventions-{result.hash}-summary", "summary")
 
-    frame = result.frame()
     st.subheader("Decoded answers before and after")
     means = summary[metric].abs()
     strongest = int(summary.cell[means.idxmax()]) if means.notna().any() else 0

@@ -94,9 +94,11 @@ if not subjects:
     st.stop()
 
 cols = st.columns(len(subjects))
+lab_seeds: dict[str, list[int]] = {}  # each subject's seeds, for the live link of test 3
 for col, (subject, path) in zip(cols, subjects.items()):
     with col:
         bases, seeds = load_bases(path)
+        lab_seeds[subject] = seeds
         done = [t for t in TESTS if (path / f"{t}.csv").exists()]
         st.subheader(subject + (" (random-init control)" if subject.startswith("random-") else ""))
         if not done:
@@ -141,9 +143,8 @@ if test == "weights":
         st.caption("No noise-floor control saved for this subject (`--tests noise`).")
     spec = run.store.attrs["model"]["spec"]
     if subject in (spec, f"{spec}+number"):
-        _, lab_seeds = load_bases(path)
         live = urlencode({"run": name.removesuffix(".zarr"), "mode": "Edit", "ops": "perturb-y", "every_example": "1",
-                          "seeds": ",".join(map(str, lab_seeds[:4])), "a": "truth", "b": "model",
+                          "seeds": ",".join(map(str, lab_seeds[subject][:4])), "a": "truth", "b": "model",
                           "readout": "number" if subject.endswith("+number") else "greedy"})
         st.markdown(f"[Perturb every y_i of these seeds live](interventions?{live}) on the Interventions page (an "
                     "intervention server runs the run's model): each edit's shift beside every regressor's, one "

@@ -35,7 +35,7 @@ from core.interventions.plan import EditPlan, Plan, plan
 from core.interventions.result import Result
 from core.interventions.spec import Ablation, ExperimentRequest, PromptEdit, Site, code_version, content_hash
 from core.models import LoadedModel
-from core.prompts import NumberFormat, parse_number
+from core.prompts import parse_number
 from core.store import MODEL_COLUMN, RunStore, now
 
 WASTE = 1.25  # a chunk may recompute at most this much more than its rows need
@@ -452,7 +452,7 @@ def unit_answers(store: RunStore, request: ExperimentRequest, p: Plan | EditPlan
     exp = request.experiment.root
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False) if text else []  # noqa: E731
     a = store.attrs
-    fmt = NumberFormat(a["prompt"]["format"], tuple(a["prompt"]["int_digits"]))
+    fmt = store.number_format()
     texts, preds, y_true = store.llm_text(), store.predictions(), store.y_true()
 
     def candidate(row: int, name: str) -> list[int]:

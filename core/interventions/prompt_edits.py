@@ -33,7 +33,6 @@ from core.mechanism import edits
 from core.mechanism.lm import LMSubject, numbers, run_tasks, task_text
 from core.mechanism.subjects import MechanismError, Task
 from core.models import LoadedModel
-from core.prompts import NumberFormat
 from core.regressors import predict_named
 from core.store import RunStore, now
 
@@ -82,8 +81,7 @@ def edited_truth(edit: EditSpec, truth: float) -> float:
 
 def edited_prompt(store: RunStore, row: int, edit: EditSpec) -> tuple[str, str]:
     """Returns the prompt of the seed at store row `row` as the run wrote it, and as the edit writes it."""
-    a = store.attrs["prompt"]
-    fmt = NumberFormat(a["format"], tuple(a["int_digits"]))
+    fmt = store.number_format()
     task = run_tasks(store, [row])[0]
     written = edits.rounded(task.x, task.y, task.q)
     return task_text(fmt, written), task_text(fmt, apply_edit(written, edit, store.seeds[row]))

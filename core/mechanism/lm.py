@@ -75,8 +75,7 @@ class LMSubject:
     _grammars: dict[int, NumberGrammar] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        a = self.store.attrs
-        self._fmt = NumberFormat(a["prompt"]["format"], tuple(a["prompt"]["int_digits"]))
+        self._fmt = self.store.number_format()
         if self.readout not in READOUTS:
             raise MechanismError(f"unknown readout {self.readout!r}; use one of {', '.join(READOUTS)}")
         if self.readout == "number" and self._fmt.kind != "aligned":
