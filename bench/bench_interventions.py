@@ -7,7 +7,8 @@ On the demo stores (embedded model, CPU), for one seed pair:
   the same for every cell), and the compute that can actually change (the sum over
   cells of (L - l)/L x (T - p)/T clean forwards, times one clean forward timed here);
 - a 20-pair head-patching grid (all layers x heads, final position): seconds, rows per
-  forward, and the peak resident memory above the loaded model.
+  forward, and the peak resident memory above the loaded model (its weights paged in by
+  one forward).
 
     PYTHONPATH=. .venv/bin/python bench/bench_interventions.py [--cache cache] [--sample 24]
 """
@@ -163,6 +164,8 @@ def head_grid(model, store: RunStore, n_pairs: int, decodes: tuple[bool, ...] = 
     exp = {"kind": "patching", "direction": "denoising", "sites": [{"kind": "head", "heads": "all"}],
            "positions": ["final"], "pairs": pairs}
     print(f"\n== {run}: head grid (all layers x heads, final position), {len(pairs)} pairs")
+    # The model's weights are paged in by its first forward: "the model" is its resident size after one.
+    clean_forward_s(model, store.tokens(0), repeat=1)
     base = rss_mb()
     for decode in decodes:
         request = ExperimentRequest.model_validate({"run": run, "experiment": {**exp, "decode": decode}})

@@ -244,6 +244,7 @@ def test_units_in_groups_of_bounded_memory_give_the_same_result(store, tiny, mon
 
     whole = execute(tiny, store, request(store, **exp))
     monkeypatch.setattr(executor, "CLEAN_KV_BYTES", 1)  # one unit per group
+    monkeypatch.setattr(executor, "CLEAN_BATCH", {"cpu": 1})
     grouped = execute(tiny, store, request(store, **exp))
     for column in ("logprob_diff", "logit_diff", "normalized"):
         np.testing.assert_allclose(grouped.table[column], whole.table[column], atol=1e-5, err_msg=column)

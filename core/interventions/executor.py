@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from core.candidates import TRUTH, build_trie, candidate_texts
 from core.generation import NumberGrammar, answer_complete
@@ -42,8 +43,8 @@ WASTE = 1.25  # a chunk may recompute at most this much more than its rows need
 MAX_ROWS = 64
 TOKENS = {"cpu": 4096, "cuda": 65536}  # rows x recomputed positions per chunk
 KV_BYTES = 384 << 20  # a chunk's copy of its rows' clean KV caches
-CLEAN_KV_BYTES = 256 << 20  # the clean KV caches held at once (units are run in groups)
-CLEAN_BATCH = {"cpu": 4, "cuda": 32}
+CLEAN_KV_BYTES = 128 << 20  # the clean KV caches held at once (units are run in groups), but
+CLEAN_BATCH = {"cpu": 4, "cuda": 32}  # at least one batch of clean runs: fewer would run unbatched
 
 
 @dataclass
@@ -81,6 +82,11 @@ def _shape(model: LoadedModel) -> tuple[int, int, int]:
     return info["n_layers"], info["n_heads"], info["d_head"]
 
 
+def clean_batch(model: LoadedModel) -> int:
+    """Returns how many prompts of one length a clean pass runs at once."""
+    return CLEAN_BATCH.get(model.device.type, CLEAN_BATCH["cpu"])
+
+
 @torch.inference_mode()
 def clean_runs(model: LoadedModel, tokens: list[np.ndarray], keep_from: list[int | None], at: np.ndarray,
                kinds: set[str], prefix: Clean | None = None, shared: list[int] | None = None) -> list[Clean]:
@@ -97,7 +103,7 @@ def clean_runs(model: LoadedModel, tokens: list[np.ndarray], keep_from: list[int
     by_length: dict[int, list[int]] = {}
     for i, t in enumerate(tokens):
         by_length.setdefault(len(t), []).append(i)
-    size = CLEAN_BATCH.get(model.device.type, 4)
+    size = clean_batch(model)
     for idx in by_length.values():
         for lo in range(0, len(idx), size):
             batch = idx[lo: lo + size]
@@ -221,25 +227,82 @@ def _chunks(jobs: list[Job], n_layers: int, n_tokens: int, budget_tokens: int, m
     return out
 
 
+class _Buffer(DynamicLayer):
+    """One layer's KV cache written in place into a buffer of its final length.
+
+    A chunk appends to its cache three times (its recomputed positions, the answers'
+    tree, each decoded token); DynamicLayer's concatenation copies the whole cache at
+    each append, and those copies, of a size that varies per chunk, fragmented the CPU
+    heap: a 20-pair head grid peaked 1.06 GB above the model with them, 0.82 GB without
+    (and the smaller clean-cache groups)."""
+
+    def __init__(self, keys: Float[Tensor, "n kv cap dh"], values: Float[Tensor, "n kv cap dh"], length: int) -> None:
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.buffers, self.length = (keys, values), length
+        self._view()
+
+    def _view(self) -> None:
+        self.keys, self.values = (b[:, :, :self.length] for b in self.buffers)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        end = self.length + key_states.shape[-2]
+        for b, new in zip(self.buffers, (key_states, value_states)):
+            b[:, :, self.length:end] = new
+        self.length = end
+        self._view()
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.length -= abs(tokens_to_remove)
+        self._view()
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+class KVPool:
+    """The KV buffers of the chunks of one prompt length, allocated once for `rows` rows
+    (more if a chunk needs them) and `room` positions past the prompt; each chunk refills
+    them from its rows' clean caches."""
+
+    def __init__(self, rows: int, n_tokens: int, room: int) -> None:
+        self.rows, self.cap = rows, n_tokens + room
+        self.buffers: list[tuple[Tensor, Tensor]] = []
+
+    def release(self) -> None:
+        """Frees the buffers: after an out-of-memory, each chunk allocates for its own rows only."""
+        self.buffers, self.rows = [], 0
+
+    def cache(self, jobs: list[Job], clean: dict[int, Clean], lc: int, pc: int, n_tokens: int) -> Cache:
+        """Returns the chunk's cache: every row's clean KV before position `pc` from layer
+        `lc` on, and before `n_tokens` in the layers below."""
+        if not self.buffers or self.buffers[0][0].shape[0] < len(jobs):
+            self.buffers = []  # the smaller buffers go before the larger ones are made
+            rows = max(self.rows, len(jobs))
+            self.buffers = [tuple(torch.empty((rows, k.shape[0], self.cap, k.shape[-1]), dtype=k.dtype,
+                                              device=k.device) for k in layer) for layer in clean[jobs[0].prompt].kv]
+        layers = []
+        for i, bufs in enumerate(self.buffers):
+            cut = n_tokens if i < lc else pc
+            for w, b in enumerate(bufs):
+                for r, j in enumerate(jobs):
+                    b[r, :, :cut] = clean[j.prompt].kv[i][w][:, :cut]
+            layers.append(_Buffer(*(b[:len(jobs)] for b in bufs), cut))
+        return Cache(layers=layers)
+
+
 @torch.inference_mode()
 def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_tokens: int,
-              max_new_tokens: int) -> None:
+              max_new_tokens: int, pool: KVPool) -> None:
     """Runs one chunk; fills each job's `out` with its metrics and decoded answer."""
     hf, layers = model.hf_model, _layers(model)
     n_layers = len(layers)
     n, t, dev = len(jobs), n_tokens, model.device
     lc, pc = min(j.layer for j in jobs), min(j.pos for j in jobs)
     dtype = next(hf.parameters()).dtype
-    kv = []
-    for i in range(n_layers):
-        cut = t if i < lc else pc
-        if cut == 0:
-            kv.append((None, None))
-            continue
-        kv.append(tuple(torch.stack([clean[j.prompt].kv[i][w][:, :cut] for j in jobs]) for w in (0, 1)))
-    cache = DynamicCache(ddp_cache_data=kv)
-    del kv  # the cache concatenates new positions into copies: the stacked prefix need not outlive it
-    h = torch.stack([clean[j.prompt].resid[lc, pc - clean[j.prompt].p0:] for j in jobs]).clone()
+    cache = pool.cache(jobs, clean, lc, pc, t)
+    h = torch.stack([clean[j.prompt].resid[lc, pc - clean[j.prompt].p0:] for j in jobs])
     patcher = _Patcher(jobs, pc, dev, dtype)
     if lc < n_layers:
         pos_ids = torch.arange(pc, t, device=dev)[None].expand(n, -1)
@@ -263,18 +326,19 @@ def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_to
 
 
 def run_halving(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_tokens: int,
-                max_new_tokens: int) -> None:
+                max_new_tokens: int, pool: KVPool) -> None:
     """Runs a chunk; out of memory, runs its halves (down to one row, which then fails the job)."""
     try:
-        run_chunk(model, jobs, clean, n_tokens, max_new_tokens)
+        run_chunk(model, jobs, clean, n_tokens, max_new_tokens, pool)
     except torch.OutOfMemoryError:
         if len(jobs) == 1:
             raise
+        pool.release()
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
         half = len(jobs) // 2
         for part in (jobs[:half], jobs[half:]):
-            run_halving(model, part, clean, n_tokens, max_new_tokens)
+            run_halving(model, part, clean, n_tokens, max_new_tokens, pool)
 
 
 def chunk_budget(model: LoadedModel, kv_row: int) -> tuple[int, int]:
@@ -299,14 +363,19 @@ def run_by_length(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], 
         by_length.setdefault(length(job), []).append(job)
     chunks = [(t, c) for t, part in by_length.items()
               for c in _chunks(part, n_layers, t, *chunk_budget(model, model.kv_bytes_per_token * t))]
+    # Room past the prompt for the answers' tree (both answers' tokens at most) and the decoded tokens.
+    room = max([max_new_tokens] + [len(j.answers[0]) + len(j.answers[1]) for j in jobs])
+    pools = {t: KVPool(max(len(c) for u, c in chunks if u == t), t, room) for t in by_length}
     for k, (t, chunk) in enumerate(chunks):
         if say is not None:
             say(k, len(chunks), len(chunk))
-        run_halving(model, chunk, clean, t, max_new_tokens)
+        run_halving(model, chunk, clean, t, max_new_tokens, pools[t])
+        if k + 1 == len(chunks) or chunks[k + 1][0] != t:
+            del pools[t]  # chunks come length by length: this length's buffers are done
     return len(chunks)
 
 
-def _score(model: LoadedModel, jobs: list[Job], cache: DynamicCache, final: Float[Tensor, "n V"], t: int) -> None:
+def _score(model: LoadedModel, jobs: list[Job], cache: Cache, final: Float[Tensor, "n V"], t: int) -> None:
     """Teacher-forces both answers of every job from the patched cache (tree attention)."""
     tries = [build_trie(0, [list(a) for a in job.answers]) for job in jobs]
     width = max(len(tr.node_token) - 1 for tr in tries)
@@ -344,36 +413,39 @@ def _score(model: LoadedModel, jobs: list[Job], cache: DynamicCache, final: Floa
         job.out["logit_diff"] = float(logp(node)[a[k]] - logp(node)[b[k]]) if node is not None else np.nan
 
 
-def _pick(logits: Float[Tensor, "n V"], jobs: list[Job], generated: list[list[int]], tok) -> Int[Tensor, " n"]:
-    """Returns each row's greedy next token, among those its grammar allows where it has one."""
+def _pick(logits: Float[Tensor, "n V"], jobs: list[Job], texts: list[str]) -> Int[Tensor, " n"]:
+    """Returns each row's greedy next token after its answer so far `texts[r]`, among those
+    its grammar allows where it has one."""
     if all(job.grammar is None for job in jobs):
         return logits.argmax(-1)
     logits = logits.clone()
     for r, job in enumerate(jobs):
         if job.grammar is not None:
-            logits[r, ~job.grammar.mask(tok.decode(generated[r]))] = -torch.inf
+            logits[r, ~job.grammar.mask(texts[r])] = -torch.inf
     return logits.argmax(-1)
 
 
-def _decode(model: LoadedModel, jobs: list[Job], cache: DynamicCache, final: Tensor, t: int,
+def _decode(model: LoadedModel, jobs: list[Job], cache: Cache, final: Tensor, t: int,
             max_new_tokens: int) -> None:
     """Greedy answers from the patched cache, stopped once each holds a whole number."""
     tok = model.tokenizer
     n = len(jobs)
     generated: list[list[int]] = [[] for _ in jobs]
-    nxt = _pick(final, jobs, generated, tok)
+    texts = [""] * n
+    nxt = _pick(final, jobs, texts)
     done = [False] * n
     for step in range(max_new_tokens):
         for r, token in enumerate(nxt.tolist()):
             if not done[r]:
                 generated[r].append(token)
-                text, grammar = tok.decode(generated[r]), jobs[r].grammar
-                done[r] = token == tok.eos_token_id or (grammar.complete(text) if grammar else answer_complete(text))
+                texts[r], grammar = tok.decode(generated[r]), jobs[r].grammar
+                done[r] = token == tok.eos_token_id or (grammar.complete(texts[r]) if grammar else
+                                                       answer_complete(texts[r]))
         if all(done) or step == max_new_tokens - 1:
             break
         pos = torch.full((n, 1), t + step, dtype=torch.long, device=model.device)
         out = model.hf_model(input_ids=nxt[:, None], position_ids=pos, past_key_values=cache, use_cache=True)
-        nxt = _pick(out.logits[:, -1], jobs, generated, tok)
+        nxt = _pick(out.logits[:, -1], jobs, texts)
     for job, g in zip(jobs, generated):
         if job.decode:  # a row that skips decoding reads the same whatever chunk it shared
             job.out["decoded_text"] = tok.decode(g, skip_special_tokens=True)
@@ -421,7 +493,7 @@ def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[n
     # Groups of prompts whose clean caches fit CLEAN_KV_BYTES: first the base's edits (one
     # clean run of the base), then the other lengths (a clean run each, kept only at its
     # last position, and a chunk that merely scores and decodes from there).
-    per_group = max(1, CLEAN_KV_BYTES // max(model.kv_bytes_per_token * t, 1))
+    per_group = max(clean_batch(model), CLEAN_KV_BYTES // max(model.kv_bytes_per_token * t, 1))
     others = [i for i in range(len(prompts)) if len(prompts[i]) != t]
     groups = ([same] if same else []) + [others[g: g + per_group] for g in range(0, len(others), per_group)]
     none = np.zeros(0, dtype=np.int64)
@@ -515,7 +587,8 @@ def execute(model: LoadedModel, store: RunStore, request: ExperimentRequest,
     # Units in groups whose prompts' clean KV caches fit CLEAN_KV_BYTES: a group's clean
     # runs are made, its chunks run, then they are freed (memory stays bounded for many pairs).
     kv_row = model.kv_bytes_per_token * p.n_tokens
-    per_group = max(1, CLEAN_KV_BYTES // (kv_row * len(p.units[0].prompts)))
+    per_unit = len(p.units[0].prompts)
+    per_group = max(-(-clean_batch(model) // per_unit), CLEAN_KV_BYTES // (kv_row * per_unit))
     groups = [range(g, min(g + per_group, len(p.units))) for g in range(0, len(p.units), per_group)]
     max_new = int(store.attrs["prompt"]["max_new_tokens"])
     n_chunks = 0
