@@ -233,8 +233,7 @@ class _Buffer(DynamicLayer):
     A chunk appends to its cache three times (its recomputed positions, the answers'
     tree, each decoded token); DynamicLayer's concatenation copies the whole cache at
     each append, and those copies, of a size that varies per chunk, fragmented the CPU
-    heap: a 20-pair head grid peaked 1.06 GB above the model with them, 0.82 GB without
-    (and the smaller clean-cache groups)."""
+    heap: the server's memory grew with the length of a head grid."""
 
     def __init__(self, keys: Float[Tensor, "n kv cap dh"], values: Float[Tensor, "n kv cap dh"], length: int) -> None:
         super().__init__()
