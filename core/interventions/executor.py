@@ -364,13 +364,12 @@ def run_by_length(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], 
               for c in _chunks(part, n_layers, t, *chunk_budget(model, model.kv_bytes_per_token * t))]
     # Room past the prompt for the answers' tree (both answers' tokens at most) and the decoded tokens.
     room = max([max_new_tokens] + [len(j.answers[0]) + len(j.answers[1]) for j in jobs])
-    pools = {t: KVPool(max(len(c) for u, c in chunks if u == t), t, room) for t in by_length}
     for k, (t, chunk) in enumerate(chunks):
         if say is not None:
             say(k, len(chunks), len(chunk))
-        run_halving(model, chunk, clean, t, max_new_tokens, pools[t])
-        if k + 1 == len(chunks) or chunks[k + 1][0] != t:
-            del pools[t]  # chunks come length by length: this length's buffers are done
+        if k == 0 or chunks[k - 1][0] != t:  # chunks come length by length: the last length's buffers go
+            pool = KVPool(max(len(c) for u, c in chunks if u == t), t, room)
+        run_halving(model, chunk, clean, t, max_new_tokens, pool)
     return len(chunks)
 
 
