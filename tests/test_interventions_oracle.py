@@ -636,6 +636,32 @@ def test_embedded_model_equals_the_oracle(exp, smol):
     assert abs(got.logprob_diff - unpatched) > 2e-2
 
 
+@pytest.mark.parametrize("answers", ["model", "truth"])
+def test_greedy_answers_read_off_the_trie_equal_the_raw_model(smol, monkeypatch, answers):
+    """The answers' trie already holds the decoder's logits along both answers: where every
+    row's greedy answer stays on it, the executor reads it there with no decoding step. A
+    seed patched into itself answers its own answer, on the trie of the model's answers;
+    the truth's trie is left where the model writes another number. Either way the answers
+    are the raw model's greedy ones, and those of decoding step by step."""
+    from core.interventions import executor
+
+    model, cache, store, oracle = smol
+    exp = Patching(sites=[SiteGrid(kind="head", layers=[2], heads=[0, 1])], positions=["final"],
+                   pairs=[(0, 0), (1, 1)], answers=answers)
+    request = ExperimentRequest(run=store.name, experiment=Experiment(exp))
+    real, read = executor._on_trie, []
+    monkeypatch.setattr(executor, "_on_trie", lambda *args: read.append(real(*args)) or read[-1])
+    result = executor.execute(model, store, request)
+    assert read and all((r is not None) == (answers == "model") for r in read)
+    monkeypatch.setattr(executor, "_on_trie", lambda *args: None)
+    stepped = executor.execute(model, store, request)
+    assert result.table["decoded_text"] == stepped.table["decoded_text"]
+    assert result.baselines["clean_text"] == stepped.baselines["clean_text"] == store.llm_text()[:2].tolist()
+    for i, seed in enumerate(result.table["target_seed"]):
+        row = store.index(seed)
+        assert result.table["decoded"][i] == raw_greedy(model, oracle.prompt(row), oracle.max_new)
+
+
 # Prompt edits, edited here on the prompt's text: the blocks `Feature 0: x` / `Output: y` of
 # the run's 1-feature prompts, parsed back for the refit.
 _BLOCK = re.compile(r"Feature 0: (\S+)\nOutput: (\S+)\n\n")

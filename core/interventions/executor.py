@@ -11,9 +11,12 @@
    at position p of layer l cannot change is never recomputed. Each hook point applies
    every row's patch with one indexed assignment (index tables over rows, positions,
    heads). Attention is the model's SDPA (no [T, T] pattern).
-3. Answers: one tree-attention pass teacher-forces both answers of every row from the
-   patched cache (log-probabilities, the first differing token's logit difference),
-   then greedy decoding gives the number the model now writes.
+3. Answers: both answers of every row, as a trie after the prompt (tree attention), ride
+   in the chunk's forward: they start at the chunk's first layer from their clean
+   residual (below it they see only the clean cache). That teacher-forces them
+   (log-probabilities, the first differing token's logit difference); greedy decoding
+   then gives the number the model now writes, read off the trie with no decoding step
+   where every row's answer stays on it.
 Unpatched rows of every prompt give the clean baselines in the same machinery.
 """
 
@@ -23,12 +26,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from core.candidates import TRUTH, build_trie, candidate_texts
+from core.candidates import TRUTH, Trie, build_trie, candidate_texts
 from core.generation import NumberGrammar, answer_complete
 from core.interventions.backend import fingerprint
 from core.interventions.metrics import normalized_effect
@@ -291,44 +294,150 @@ class KVPool:
         return Cache(layers=layers)
 
 
+@dataclass
+class _Tree:
+    """Both answers of each row as a trie laid out after the prompt: node k of row r in
+    slot k - 1 (pads after), at position prompt end - 1 + its depth, seeing the whole
+    prompt and, among the slots, its ancestors and itself (`anc`, a pad only itself)."""
+
+    tries: list[Trie]
+    ids: Int[Tensor, "n w"]
+    pos: Int[Tensor, "n w"]
+    anc: Bool[Tensor, "n w w"]
+
+    @property
+    def width(self) -> int:
+        return self.ids.shape[1]
+
+
+def _tree(jobs: list[Job], t: int, device: torch.device) -> _Tree | None:
+    """Returns the answers' trie of `jobs` after a prompt of `t` tokens (None: no answers)."""
+    tries = [build_trie(0, [list(a) for a in job.answers]) for job in jobs]
+    width = max(len(tr.node_token) - 1 for tr in tries)
+    if not width:
+        return None
+    n = len(jobs)
+    ids = torch.zeros((n, width), dtype=torch.long)
+    pos = torch.full((n, width), t, dtype=torch.long)
+    anc = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1)
+    for r, tr in enumerate(tries):
+        for node in range(1, len(tr.node_token)):
+            ids[r, node - 1] = tr.node_token[node]
+            pos[r, node - 1] = t - 1 + tr.depth[node]
+            a = tr.parent[node]
+            while a > 0:
+                anc[r, node - 1, a - 1] = True
+                a = tr.parent[a]
+    return _Tree(tries, ids.to(device), pos.to(device), anc.to(device))
+
+
+def _tree_key(job: Job) -> tuple:
+    return job.prompt, tuple(job.answers[0]), tuple(job.answers[1])
+
+
+def _forward(model: LoadedModel, x: Float[Tensor, "n s d"], pos: Int[Tensor, "n s"], mask: Bool[Tensor, "n 1 s k"],
+             cache: Cache, first: int, patcher: "_Patcher | None" = None,
+             kept: list[Tensor] | None = None) -> Float[Tensor, "n s d"]:
+    """Runs layers `first`.. on `x` over `cache`; returns the residual after the last layer.
+    `patcher` patches the residual entering each layer; `kept` gets it (and the last)."""
+    layers = _layers(model)
+    rope = model.hf_model.model.rotary_emb(x, pos)
+    for i in range(first, len(layers)):
+        if patcher is not None:
+            patcher.resid(i, x)
+        if kept is not None:
+            kept.append(x)
+        x = layers[i](x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                      position_embeddings=rope)
+    if kept is not None:
+        kept.append(x)
+    return x
+
+
+@torch.inference_mode()
+def tree_residuals(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean],
+                   t: int) -> dict[tuple, Float[Tensor, "Lp1 w d"]]:
+    """Returns, per (prompt, answers) of `jobs` (prompts of `t` tokens), the residual stream
+    of its answers' trie entering each layer and after the last, on the prompt's clean
+    cache: what a row patched from layer l on feeds its trie at layer l."""
+    keys = list(dict.fromkeys(_tree_key(j) for j in jobs if any(j.answers)))
+    n_layers = len(_layers(model))
+    out = {}
+    size = clean_batch(model)
+    for lo in range(0, len(keys), size):
+        batch = [Job(k[0], n_layers, t - 1, answers=(list(k[1]), list(k[2]))) for k in keys[lo: lo + size]]
+        tree = _tree(batch, t, model.device)
+        cache = KVPool(len(batch), t, tree.width).cache(batch, clean, n_layers, t - 1, t)
+        mask = torch.cat([torch.ones((len(batch), 1, tree.width, t), dtype=torch.bool, device=model.device),
+                          tree.anc[:, None]], -1)
+        kept: list[Tensor] = []
+        _forward(model, model.hf_model.get_input_embeddings()(tree.ids), tree.pos, mask, cache, 0, kept=kept)
+        stacked = torch.stack(kept, 1)  # [b, L+1, w, d]
+        for j, (key, tr) in enumerate(zip(keys[lo: lo + size], tree.tries)):
+            out[key] = stacked[j, :, :len(tr.node_token) - 1].clone()
+    return out
+
+
 @torch.inference_mode()
 def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_tokens: int,
-              max_new_tokens: int, pool: KVPool) -> None:
-    """Runs one chunk; fills each job's `out` with its metrics and decoded answer."""
-    hf, layers = model.hf_model, _layers(model)
-    n_layers = len(layers)
+              max_new_tokens: int, pool: KVPool, trees: dict[tuple, Tensor]) -> None:
+    """Runs one chunk; fills each job's `out` with its metrics and decoded answer.
+
+    The answers' trie rides in the chunk's own forward, after the recomputed positions:
+    below the chunk's first layer it reads the prompt's clean cache only, so it starts
+    there from its clean residual (`tree_residuals`, kept in `trees` for the next chunks),
+    and a row costs one forward of its positions and its trie instead of a second pass
+    of every layer for the trie alone."""
+    hf = model.hf_model
+    n_layers = len(_layers(model))
     n, t, dev = len(jobs), n_tokens, model.device
     lc, pc = min(j.layer for j in jobs), min(j.pos for j in jobs)
     dtype = next(hf.parameters()).dtype
+    if lc > 0:
+        trees.update(tree_residuals(model, [j for j in jobs if _tree_key(j) not in trees], clean, t))
     cache = pool.cache(jobs, clean, lc, pc, t)
     h = torch.stack([clean[j.prompt].resid[lc, pc - clean[j.prompt].p0:] for j in jobs])
     patcher = _Patcher(jobs, pc, dev, dtype)
+    tree = _tree(jobs, t, dev)
+    w, s = (tree.width if tree else 0), t - pc
+    if tree is not None:
+        if lc == 0:
+            xt = hf.get_input_embeddings()(tree.ids)
+        else:
+            xt = torch.zeros((n, w, h.shape[-1]), dtype=h.dtype, device=dev)
+            for r, j in enumerate(jobs):
+                if any(j.answers):
+                    v = trees[_tree_key(j)][lc]
+                    xt[r, :len(v)] = v
+        h = torch.cat([h, xt], 1)
     if lc < n_layers:
-        pos_ids = torch.arange(pc, t, device=dev)[None].expand(n, -1)
-        mask = (torch.arange(t, device=dev)[None, :] <= torch.arange(pc, t, device=dev)[:, None])[None, None]
-        mask = mask.expand(n, 1, -1, -1)
-        rope = hf.model.rotary_emb(h, pos_ids)
-        handles = patcher.hooks(layers)
+        pos = torch.arange(pc, t, device=dev)[None].expand(n, -1)
+        mask = torch.zeros((n, 1, s + w, t + w), dtype=torch.bool, device=dev)
+        mask[:, 0, :s, :t] = torch.arange(t, device=dev)[None, :] <= torch.arange(pc, t, device=dev)[:, None]
+        if tree is not None:
+            pos = torch.cat([pos, tree.pos], 1)
+            mask[:, 0, s:, :t] = True
+            mask[:, 0, s:, t:] = tree.anc
+        handles = patcher.hooks(_layers(model))
         try:
-            for i in range(lc, n_layers):
-                patcher.resid(i, h)
-                h = layers[i](h, attention_mask=mask, position_ids=pos_ids, past_key_values=cache, use_cache=True,
-                              position_embeddings=rope)
+            h = _forward(model, h, pos, mask, cache, lc, patcher)
         finally:
             for handle in handles:
                 handle.remove()
+        for layer in cache.layers[lc:]:  # the layers below never held the trie
+            layer.crop(-w)
     patcher.resid(n_layers, h)
-    final = model.logprobs(hf.model.norm(h[:, -1]))  # [n, V]
-    _score(model, jobs, cache, final, t)
+    logp = model.logprobs(hf.model.norm(h[:, s - 1:]))  # [n, 1 + w, V]: the prompt's last position, the trie
+    _score(jobs, tree, logp)
     if any(j.decode for j in jobs):
-        _decode(model, jobs, cache, final, t, max_new_tokens)
+        _decode(model, jobs, cache, logp, tree, t, max_new_tokens)
 
 
 def run_halving(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_tokens: int,
-                max_new_tokens: int, pool: KVPool) -> None:
+                max_new_tokens: int, pool: KVPool, trees: dict[tuple, Tensor]) -> None:
     """Runs a chunk; out of memory, runs its halves (down to one row, which then fails the job)."""
     try:
-        run_chunk(model, jobs, clean, n_tokens, max_new_tokens, pool)
+        run_chunk(model, jobs, clean, n_tokens, max_new_tokens, pool, trees)
     except torch.OutOfMemoryError:
         if len(jobs) == 1:
             raise
@@ -337,7 +446,7 @@ def run_halving(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_
             torch.cuda.empty_cache()
         half = len(jobs) // 2
         for part in (jobs[:half], jobs[half:]):
-            run_halving(model, part, clean, n_tokens, max_new_tokens, pool)
+            run_halving(model, part, clean, n_tokens, max_new_tokens, pool, trees)
 
 
 def chunk_budget(model: LoadedModel, kv_row: int) -> tuple[int, int]:
@@ -368,47 +477,26 @@ def run_by_length(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], 
         if say is not None:
             say(k, len(chunks), len(chunk))
         if k == 0 or chunks[k - 1][0] != t:  # chunks come length by length: the last length's buffers go
-            pool = KVPool(max(len(c) for u, c in chunks if u == t), t, room)
-        run_halving(model, chunk, clean, t, max_new_tokens, pool)
+            pool, trees = KVPool(max(len(c) for u, c in chunks if u == t), t, room), {}
+        run_halving(model, chunk, clean, t, max_new_tokens, pool, trees)
     return len(chunks)
 
 
-def _score(model: LoadedModel, jobs: list[Job], cache: Cache, final: Float[Tensor, "n V"], t: int) -> None:
-    """Teacher-forces both answers of every job from the patched cache (tree attention)."""
-    tries = [build_trie(0, [list(a) for a in job.answers]) for job in jobs]
-    width = max(len(tr.node_token) - 1 for tr in tries)
-    tree = None
-    if width:
-        n, dev = len(jobs), model.device
-        ids = torch.zeros((n, width), dtype=torch.long)
-        pos = torch.full((n, width), t, dtype=torch.long)
-        mask = torch.zeros((n, 1, width, t + width), dtype=torch.bool)
-        mask[:, 0, :, :t] = True
-        for r, tr in enumerate(tries):
-            depth = tr.depth
-            for node in range(1, len(tr.node_token)):
-                ids[r, node - 1] = tr.node_token[node]
-                pos[r, node - 1] = t - 1 + depth[node]
-                a = node
-                while a > 0:
-                    mask[r, 0, node - 1, t + a - 1] = True
-                    a = tr.parent[a]
-            for pad in range(len(tr.node_token) - 1, width):
-                mask[r, 0, pad, t + pad] = True
-        out = model.hf_model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                                   past_key_values=cache, use_cache=True)
-        tree = model.logprobs(out.last_hidden_state)
-        cache.crop(-width)
-    for r, (job, tr) in enumerate(zip(jobs, tries)):
-        logp = lambda node: final[r] if node == 0 else tree[r, node - 1]  # noqa: E731
+def _score(jobs: list[Job], tree: _Tree | None, logp: Float[Tensor, "n 1+w V"]) -> None:
+    """Reads both answers' teacher-forced log-probabilities of every job off its trie."""
+    for r, job in enumerate(jobs):
+        if tree is None:  # no answers to score
+            job.out["logprob_diff"] = job.out["logit_diff"] = np.nan
+            continue
+        tr = tree.tries[r]
         totals = []
         for seq, steps in zip(tr.tokens, tr.step_node):
-            totals.append(float(sum(logp(s)[tok] for s, tok in zip(steps, seq))) if seq else np.nan)
+            totals.append(float(sum(logp[r, s][tok] for s, tok in zip(steps, seq))) if seq else np.nan)
         a, b = job.answers
         job.out["logprob_diff"] = totals[0] - totals[1]
         k = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
         node = tr.step_node[0][k] if k is not None else None
-        job.out["logit_diff"] = float(logp(node)[a[k]] - logp(node)[b[k]]) if node is not None else np.nan
+        job.out["logit_diff"] = float(logp[r, node][a[k]] - logp[r, node][b[k]]) if node is not None else np.nan
 
 
 def _pick(logits: Float[Tensor, "n V"], jobs: list[Job], texts: list[str]) -> Int[Tensor, " n"]:
@@ -423,27 +511,54 @@ def _pick(logits: Float[Tensor, "n V"], jobs: list[Job], texts: list[str]) -> In
     return logits.argmax(-1)
 
 
-def _decode(model: LoadedModel, jobs: list[Job], cache: Cache, final: Tensor, t: int,
-            max_new_tokens: int) -> None:
-    """Greedy answers from the patched cache, stopped once each holds a whole number."""
+def _whole(job: Job, token: int, text: str, eos: int | None) -> bool:
+    """True once a row's answer so far `text` (ending with `token`) holds a whole number."""
+    return token == eos or (job.grammar.complete(text) if job.grammar else answer_complete(text))
+
+
+def _on_trie(model: LoadedModel, jobs: list[Job], tree: _Tree, logp: Float[Tensor, "n 1+w V"],
+             max_new_tokens: int) -> list[list[int]] | None:
+    """Returns every row's greedy answer if each stays on its answers' trie until it is
+    whole (the trie's logits are the decoder's, node for step), else None."""
+    tok = model.tokenizer
+    out = []
+    for r, (job, tr) in enumerate(zip(jobs, tree.tries)):
+        child = {(tr.parent[k], tr.node_token[k]): k for k in range(1, len(tr.node_token))}
+        node, generated = 0, []
+        while job.decode:
+            generated.append(int(_pick(logp[r, node][None], [job], [tok.decode(generated)])[0]))
+            if _whole(job, generated[-1], tok.decode(generated), tok.eos_token_id) or len(generated) == max_new_tokens:
+                break
+            node = child.get((node, generated[-1]))
+            if node is None:
+                return None
+        out.append(generated)
+    return out
+
+
+def _decode(model: LoadedModel, jobs: list[Job], cache: Cache, logp: Float[Tensor, "n 1+w V"], tree: _Tree | None,
+            t: int, max_new_tokens: int) -> None:
+    """Greedy answers from the patched cache, stopped once each holds a whole number; read
+    off the answers' trie with no decoding step where every row's stays on it."""
     tok = model.tokenizer
     n = len(jobs)
-    generated: list[list[int]] = [[] for _ in jobs]
-    texts = [""] * n
-    nxt = _pick(final, jobs, texts)
-    done = [False] * n
-    for step in range(max_new_tokens):
-        for r, token in enumerate(nxt.tolist()):
-            if not done[r]:
-                generated[r].append(token)
-                texts[r], grammar = tok.decode(generated[r]), jobs[r].grammar
-                done[r] = token == tok.eos_token_id or (grammar.complete(texts[r]) if grammar else
-                                                       answer_complete(texts[r]))
-        if all(done) or step == max_new_tokens - 1:
-            break
-        pos = torch.full((n, 1), t + step, dtype=torch.long, device=model.device)
-        out = model.hf_model(input_ids=nxt[:, None], position_ids=pos, past_key_values=cache, use_cache=True)
-        nxt = _pick(out.logits[:, -1], jobs, texts)
+    generated = _on_trie(model, jobs, tree, logp, max_new_tokens) if tree is not None else None
+    if generated is None:
+        generated = [[] for _ in jobs]
+        texts = [""] * n
+        nxt = _pick(logp[:, 0], jobs, texts)
+        done = [False] * n
+        for step in range(max_new_tokens):
+            for r, token in enumerate(nxt.tolist()):
+                if not done[r]:
+                    generated[r].append(token)
+                    texts[r] = tok.decode(generated[r])
+                    done[r] = _whole(jobs[r], token, texts[r], tok.eos_token_id)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            pos = torch.full((n, 1), t + step, dtype=torch.long, device=model.device)
+            out = model.hf_model(input_ids=nxt[:, None], position_ids=pos, past_key_values=cache, use_cache=True)
+            nxt = _pick(out.logits[:, -1], jobs, texts)
     for job, g in zip(jobs, generated):
         if job.decode:  # a row that skips decoding reads the same whatever chunk it shared
             job.out["decoded_text"] = tok.decode(g, skip_special_tokens=True)
