@@ -22,6 +22,7 @@ import torch
 from cache_builder.build import BuildSpec, build
 from core.candidates import candidate_texts
 from core.generation import answer_complete
+from core.interventions import executor
 from core.interventions.backend import LocalBackend
 from core.interventions.spec import (Ablation, Experiment, ExperimentRequest, Patching, SiteGrid)
 from core.prompts import NumberFormat, parse_number
@@ -641,25 +642,40 @@ def test_greedy_answers_read_off_the_trie_equal_the_raw_model(smol, monkeypatch,
     """The answers' trie already holds the decoder's logits along both answers: where every
     row's greedy answer stays on it, the executor reads it there with no decoding step. A
     seed patched into itself answers its own answer, on the trie of the model's answers;
-    the truth's trie is left where the model writes another number. Either way the answers
-    are the raw model's greedy ones, and those of decoding step by step."""
-    from core.interventions import executor
-
+    the truth's trie is left where the model writes another number, and decoded from
+    there. Either way the answers are the raw model's greedy ones."""
     model, cache, store, oracle = smol
     exp = Patching(sites=[SiteGrid(kind="head", layers=[2], heads=[0, 1])], positions=["final"],
                    pairs=[(0, 0), (1, 1)], answers=answers)
-    request = ExperimentRequest(run=store.name, experiment=Experiment(exp))
-    real, read = executor._on_trie, []
-    monkeypatch.setattr(executor, "_on_trie", lambda *args: read.append(real(*args)) or read[-1])
-    result = executor.execute(model, store, request)
-    assert read and all((r is not None) == (answers == "model") for r in read)
-    monkeypatch.setattr(executor, "_on_trie", lambda *args: None)
-    stepped = executor.execute(model, store, request)
-    assert result.table["decoded_text"] == stepped.table["decoded_text"]
-    assert result.baselines["clean_text"] == stepped.baselines["clean_text"] == store.llm_text()[:2].tolist()
+    steps, forward = [], model.hf_model.forward
+    monkeypatch.setattr(model.hf_model, "forward", lambda input_ids=None, **kw: (
+        steps.append(input_ids.shape[1] == 1), forward(input_ids=input_ids, **kw))[1])
+    result = executor.execute(model, store, ExperimentRequest(run=store.name, experiment=Experiment(exp)))
+    assert (sum(steps) == 0) == (answers == "model")
+    assert result.baselines["clean_text"] == store.llm_text()[:2].tolist()
     for i, seed in enumerate(result.table["target_seed"]):
-        row = store.index(seed)
-        assert result.table["decoded"][i] == raw_greedy(model, oracle.prompt(row), oracle.max_new)
+        assert result.table["decoded"][i] == raw_greedy(model, oracle.prompt(store.index(seed)), oracle.max_new)
+
+
+def test_decoding_goes_on_from_where_the_answer_leaves_the_trie(smol):
+    """A row whose greedy answer follows answer A up to its last digit, then writes another:
+    decoded from that node of the trie, on the prompt as built (its trie's keys and values
+    below the chunk's first layer come from the clean run) and on a prompt edited at its
+    first token (the trie runs every layer), it is the raw model's greedy answer."""
+    model, cache, store, oracle = smol
+    tok = model.tokenizer
+    base = oracle.prompt(0)
+    own = oracle.candidate(0, "model")
+    last = max(i for i, t in enumerate(own) if tok.decode([t]).strip().isdigit())
+    digit = int(tok.decode([own[last]]).strip())
+    a = own[:last] + tok.encode(str((digit + 5) % 10), add_special_tokens=False)  # leaves at the last digit
+    b = tok.encode(" 9", add_special_tokens=False)
+    edited = [tok.encode("Hello", add_special_tokens=False)[0]] + base[1:]
+    out = executor.run_prompts(model, np.array(base), [np.array(base), np.array(edited)], oracle.max_new,
+                               answers=[(a, b), (a, b)])
+    for o, prompt in zip(out, (base, edited)):
+        assert parse_number(o["decoded_text"]) == raw_greedy(model, prompt, oracle.max_new)
+    assert out[0]["decoded_text"] == store.llm_text()[0]
 
 
 # Prompt edits, edited here on the prompt's text: the blocks `Feature 0: x` / `Output: y` of

@@ -233,10 +233,10 @@ def _chunks(jobs: list[Job], n_layers: int, n_tokens: int, budget_tokens: int, m
 class _Buffer(DynamicLayer):
     """One layer's KV cache written in place into a buffer of its final length.
 
-    A chunk appends to its cache three times (its recomputed positions, the answers'
-    tree, each decoded token); DynamicLayer's concatenation copies the whole cache at
-    each append, and those copies, of a size that varies per chunk, fragmented the CPU
-    heap: the server's memory grew with the length of a head grid."""
+    A chunk appends to its cache again and again (its recomputed positions and the
+    answers' trie, then each decoded token); DynamicLayer's concatenation copies the
+    whole cache at each append, and those copies, of a size that varies per chunk,
+    fragmented the CPU heap: the server's memory grew with the length of a head grid."""
 
     def __init__(self, keys: Float[Tensor, "n kv cap dh"], values: Float[Tensor, "n kv cap dh"], length: int) -> None:
         super().__init__()
@@ -254,10 +254,6 @@ class _Buffer(DynamicLayer):
         self.length = end
         self._view()
         return self.keys, self.values
-
-    def crop(self, tokens_to_remove: int) -> None:
-        self.length -= abs(tokens_to_remove)
-        self._view()
 
     def get_seq_length(self) -> int:
         return self.length
@@ -354,12 +350,20 @@ def _forward(model: LoadedModel, x: Float[Tensor, "n s d"], pos: Int[Tensor, "n 
     return x
 
 
+@dataclass
+class CleanTree:
+    """One prompt's answers' trie run clean: its residual stream entering each layer and
+    after the last ([L+1, w, d]) and its KV per layer ([kv, w, dh])."""
+
+    resid: Tensor
+    kv: list[tuple[Tensor, Tensor]]
+
+
 @torch.inference_mode()
-def tree_residuals(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean],
-                   t: int) -> dict[tuple, Float[Tensor, "Lp1 w d"]]:
-    """Returns, per (prompt, answers) of `jobs` (prompts of `t` tokens), the residual stream
-    of its answers' trie entering each layer and after the last, on the prompt's clean
-    cache: what a row patched from layer l on feeds its trie at layer l."""
+def tree_residuals(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], t: int) -> dict[tuple, CleanTree]:
+    """Returns, per (prompt, answers) of `jobs` (prompts of `t` tokens), its answers' trie
+    run on the prompt's clean cache: what a row patched from layer l on feeds its trie
+    at layer l, and the trie's keys and values below l."""
     keys = list(dict.fromkeys(_tree_key(j) for j in jobs if any(j.answers)))
     n_layers = len(_layers(model))
     out = {}
@@ -374,13 +378,16 @@ def tree_residuals(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean],
         _forward(model, model.hf_model.get_input_embeddings()(tree.ids), tree.pos, mask, cache, 0, kept=kept)
         stacked = torch.stack(kept, 1)  # [b, L+1, w, d]
         for j, (key, tr) in enumerate(zip(keys[lo: lo + size], tree.tries)):
-            out[key] = stacked[j, :, :len(tr.node_token) - 1].clone()
+            w = len(tr.node_token) - 1
+            out[key] = CleanTree(stacked[j, :, :w].clone(),
+                                 [(layer.keys[j, :, t:t + w].clone(), layer.values[j, :, t:t + w].clone())
+                                  for layer in cache.layers])
     return out
 
 
 @torch.inference_mode()
 def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_tokens: int,
-              max_new_tokens: int, pool: KVPool, trees: dict[tuple, Tensor]) -> None:
+              max_new_tokens: int, pool: KVPool, trees: dict[tuple, CleanTree]) -> None:
     """Runs one chunk; fills each job's `out` with its metrics and decoded answer.
 
     The answers' trie rides in the chunk's own forward, after the recomputed positions:
@@ -407,8 +414,16 @@ def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_to
             xt = torch.zeros((n, w, h.shape[-1]), dtype=h.dtype, device=dev)
             for r, j in enumerate(jobs):
                 if any(j.answers):
-                    v = trees[_tree_key(j)][lc]
-                    xt[r, :len(v)] = v
+                    clean_tree = trees[_tree_key(j)]
+                    xt[r, :clean_tree.resid.shape[1]] = clean_tree.resid[lc]
+            # The layers below get the trie's clean keys and values: decoding goes on from its nodes.
+            for i, layer in enumerate(cache.layers[:lc]):
+                kv = [torch.zeros_like(b[:, :, :w]) for b in layer.buffers]
+                for r, j in enumerate(jobs):
+                    if any(j.answers):
+                        for new, old in zip(kv, trees[_tree_key(j)].kv[i]):
+                            new[r, :, :old.shape[1]] = old
+                layer.update(*kv)
         h = torch.cat([h, xt], 1)
     if lc < n_layers:
         pos = torch.arange(pc, t, device=dev)[None].expand(n, -1)
@@ -424,8 +439,6 @@ def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_to
         finally:
             for handle in handles:
                 handle.remove()
-        for layer in cache.layers[lc:]:  # the layers below never held the trie
-            layer.crop(-w)
     patcher.resid(n_layers, h)
     logp = model.logprobs(hf.model.norm(h[:, s - 1:]))  # [n, 1 + w, V]: the prompt's last position, the trie
     _score(jobs, tree, logp)
@@ -434,7 +447,7 @@ def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_to
 
 
 def run_halving(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_tokens: int,
-                max_new_tokens: int, pool: KVPool, trees: dict[tuple, Tensor]) -> None:
+                max_new_tokens: int, pool: KVPool, trees: dict[tuple, CleanTree]) -> None:
     """Runs a chunk; out of memory, runs its halves (down to one row, which then fails the job)."""
     try:
         run_chunk(model, jobs, clean, n_tokens, max_new_tokens, pool, trees)
@@ -471,8 +484,8 @@ def run_by_length(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], 
         by_length.setdefault(length(job), []).append(job)
     chunks = [(t, c) for t, part in by_length.items()
               for c in _chunks(part, n_layers, t, *chunk_budget(model, model.kv_bytes_per_token * t))]
-    # Room past the prompt for the answers' tree (both answers' tokens at most) and the decoded tokens.
-    room = max([max_new_tokens] + [len(j.answers[0]) + len(j.answers[1]) for j in jobs])
+    # Room past the prompt for the answers' trie (both answers' tokens at most), then the decoded tokens.
+    room = max_new_tokens + max(len(j.answers[0]) + len(j.answers[1]) for j in jobs)
     for k, (t, chunk) in enumerate(chunks):
         if say is not None:
             say(k, len(chunks), len(chunk))
@@ -516,51 +529,48 @@ def _whole(job: Job, token: int, text: str, eos: int | None) -> bool:
     return token == eos or (job.grammar.complete(text) if job.grammar else answer_complete(text))
 
 
-def _on_trie(model: LoadedModel, jobs: list[Job], tree: _Tree, logp: Float[Tensor, "n 1+w V"],
-             max_new_tokens: int) -> list[list[int]] | None:
-    """Returns every row's greedy answer if each stays on its answers' trie until it is
-    whole (the trie's logits are the decoder's, node for step), else None."""
-    tok = model.tokenizer
-    out = []
-    for r, (job, tr) in enumerate(zip(jobs, tree.tries)):
-        child = {(tr.parent[k], tr.node_token[k]): k for k in range(1, len(tr.node_token))}
-        node, generated = 0, []
-        while job.decode:
-            generated.append(int(_pick(logp[r, node][None], [job], [tok.decode(generated)])[0]))
-            if _whole(job, generated[-1], tok.decode(generated), tok.eos_token_id) or len(generated) == max_new_tokens:
-                break
-            node = child.get((node, generated[-1]))
-            if node is None:
-                return None
-        out.append(generated)
-    return out
-
-
 def _decode(model: LoadedModel, jobs: list[Job], cache: Cache, logp: Float[Tensor, "n 1+w V"], tree: _Tree | None,
             t: int, max_new_tokens: int) -> None:
-    """Greedy answers from the patched cache, stopped once each holds a whole number; read
-    off the answers' trie with no decoding step where every row's stays on it."""
+    """Greedy answers from the patched cache (the prompt, then the answers' trie), stopped
+    once each holds a whole number. A row's answer is read off the trie, whose logits the
+    chunk has, as long as it follows it, and decoded from the node where it leaves it."""
     tok = model.tokenizer
-    n = len(jobs)
-    generated = _on_trie(model, jobs, tree, logp, max_new_tokens) if tree is not None else None
-    if generated is None:
-        generated = [[] for _ in jobs]
-        texts = [""] * n
-        nxt = _pick(logp[:, 0], jobs, texts)
-        done = [False] * n
-        for step in range(max_new_tokens):
-            for r, token in enumerate(nxt.tolist()):
-                if not done[r]:
-                    generated[r].append(token)
-                    texts[r] = tok.decode(generated[r])
-                    done[r] = _whole(jobs[r], token, texts[r], tok.eos_token_id)
-            if all(done) or step == max_new_tokens - 1:
+    n, w = len(jobs), (tree.width if tree is not None else 0)
+    generated: list[list[int]] = [[] for _ in jobs]
+    done = [not job.decode for job in jobs]  # a row that skips decoding needs no answer
+    at = [0] * n  # the trie node each row's last token was predicted from
+    for r, job in enumerate(jobs):
+        child = {} if tree is None else {(tree.tries[r].parent[k], tree.tries[r].node_token[k]): k
+                                         for k in range(1, len(tree.tries[r].node_token))}
+        while not done[r]:
+            generated[r].append(int(_pick(logp[r, at[r]][None], [job], [tok.decode(generated[r])])[0]))
+            done[r] = (_whole(job, generated[r][-1], tok.decode(generated[r]), tok.eos_token_id)
+                       or len(generated[r]) == max_new_tokens)
+            if done[r] or (at[r], generated[r][-1]) not in child:
                 break
-            pos = torch.full((n, 1), t + step, dtype=torch.long, device=model.device)
-            out = model.hf_model(input_ids=nxt[:, None], position_ids=pos, past_key_values=cache, use_cache=True)
-            nxt = _pick(out.logits[:, -1], jobs, texts)
+            at[r] = child[at[r], generated[r][-1]]
+    # A row's next token sits after its node, seeing the prompt, that node's ancestors and
+    # its own tokens decoded since (the cache's rows are the rows').
+    depth = torch.tensor([tree.tries[r].depth[v] if tree is not None else 0 for r, v in enumerate(at)],
+                         device=model.device)
+    seen = torch.ones((n, 1, 1, t + w + max_new_tokens), dtype=torch.bool, device=model.device)
+    if tree is not None:
+        seen[:, 0, 0, t:t + w] = torch.stack([tree.anc[r, v - 1] if v else torch.zeros_like(tree.anc[r, 0])
+                                             for r, v in enumerate(at)])
+    step = 0
+    while not all(done):
+        ids = torch.tensor([[g[-1] if g else 0] for g in generated], device=model.device)
+        out = model.hf_model(input_ids=ids, position_ids=(t + depth + step)[:, None],
+                             attention_mask=seen[..., :t + w + step + 1], past_key_values=cache, use_cache=True)
+        nxt = _pick(out.logits[:, -1], jobs, [tok.decode(g) for g in generated]).tolist()
+        for r in range(n):
+            if not done[r]:
+                generated[r].append(nxt[r])
+                done[r] = (_whole(jobs[r], nxt[r], tok.decode(generated[r]), tok.eos_token_id)
+                           or len(generated[r]) == max_new_tokens)
+        step += 1
     for job, g in zip(jobs, generated):
-        if job.decode:  # a row that skips decoding reads the same whatever chunk it shared
+        if job.decode:
             job.out["decoded_text"] = tok.decode(g, skip_special_tokens=True)
 
 
@@ -575,11 +585,13 @@ def _shared(a: np.ndarray, b: np.ndarray) -> int:
 def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[np.ndarray], max_new_tokens: int,
                 answers: list[tuple[list[int], list[int]]] | None = None,
                 progress: Callable[[float, str], None] | None = None,
-                grammars: list[NumberGrammar | None] | None = None) -> list[dict]:
+                grammars: list[NumberGrammar | None] | None = None, draft: list[int] | None = None) -> list[dict]:
     """Returns, per prompt, its greedy answer text (`decoded_text`; decoded within
     `grammars[i]` where given), whether it reused the base's cache (`reused`) and, given
     `answers` (A, B tokens per prompt), the teacher-forced `logprob_diff` and `logit_diff`
-    of A against B.
+    of A against B. Without answers, `draft` (tokens the answers likely start with, e.g.
+    the base's own answer) is run as the answers' trie: an answer is read off it as far
+    as it follows it, with no decoding step.
 
     Prompts are edits of `base`. One of the base's length is run as a patch of the
     residual stream entering layer 0 (its token embeddings where its tokens differ):
@@ -590,7 +602,7 @@ def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[n
     say = progress or (lambda f, s: None)
     n_layers = len(_layers(model))
     embed = model.hf_model.get_input_embeddings()
-    pairs = answers or [([], [])] * len(prompts)
+    pairs = answers or [(list(draft or []), [])] * len(prompts)
     grammars = grammars or [None] * len(prompts)
     prompts = [np.asarray(p) for p in prompts]
     t = len(base)

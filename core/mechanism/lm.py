@@ -6,7 +6,9 @@ batch of edits of one seed with `core.interventions.executor.run_prompts`: an ed
 keeps the token count reuses the seed's clean KV cache up to its first changed token
 and is patched from there; one that changes it (a dropped example, a wider number, an
 added feature) gets a clean run of its own, started on the seed's KV cache at its first
-token that differs, and is counted in `changed_length`.
+token that differs, and is counted in `changed_length`. The base's own answer is the
+answers' draft: an edited prompt's answer is read off it as far as it follows it, and
+decoded from there.
 """
 
 from collections.abc import Callable, Sequence
@@ -73,6 +75,7 @@ class LMSubject:
     progress: Callable[[float, str], None] | None = None
     _fmt: NumberFormat = field(init=False)
     _grammars: dict[int, NumberGrammar] = field(init=False, default_factory=dict)
+    _drafts: dict[int, list[int]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._fmt = self.store.number_format()
@@ -116,16 +119,28 @@ class LMSubject:
             self._grammars[int_digits] = NumberGrammar(self.model, int_digits)
         return self._grammars[int_digits]
 
+    def _max_new(self, y_digits: list[int]) -> int:
+        # A number readout needs room for the widest answer its grammar allows, and its end.
+        max_new = int(self.store.attrs["prompt"]["max_new_tokens"])
+        return max(max_new, max(y_digits) + 5) if self.readout == "number" else max_new
+
+    def draft(self, base: int) -> list[int]:
+        """Returns the tokens of base `base`'s own answer, which the answers to its edits
+        mostly start with (`run_prompts` reads them off it as far as they follow it)."""
+        if base not in self._drafts:
+            digits = [self._fmt.int_digits[-1]]
+            out = run_prompts(self.model, self.tokens[base], [self.tokens[base]], self._max_new(digits),
+                              grammars=[self._grammar(d) for d in digits])
+            self._drafts[base] = self.model.tokenizer.encode(out[0]["decoded_text"], add_special_tokens=False)
+        return self._drafts[base]
+
     def run(self, base: int, prompts: list[Int[np.ndarray, " T"]], y_digits: list[int],
             answers: list[tuple[list[int], list[int]]] | None = None) -> list[dict]:
         """Returns `run_prompts` of prompts edited from base `base` (each with its answer
         column's integer digits) under the subject's readout, and counts them."""
-        # A number readout needs room for the widest answer its grammar allows, and its end.
-        max_new = int(self.store.attrs["prompt"]["max_new_tokens"])
-        if self.readout == "number":
-            max_new = max(max_new, max(y_digits) + 5)
-        out = run_prompts(self.model, self.tokens[base], prompts, max_new, answers=answers, progress=self.progress,
-                          grammars=[self._grammar(d) for d in y_digits])
+        out = run_prompts(self.model, self.tokens[base], prompts, self._max_new(y_digits), answers=answers,
+                          progress=self.progress, grammars=[self._grammar(d) for d in y_digits],
+                          draft=None if answers else self.draft(base))
         self.prompts_run += len(prompts)
         self.changed_length += sum(not o["reused"] for o in out)
         return out
