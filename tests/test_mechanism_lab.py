@@ -313,6 +313,11 @@ def test_a_lab_extends_to_more_seeds_and_refuses_other_ones(tmp_path):
     truths = np.arange(5.0)
     assert lab.run_lab(subject, bases, tmp_path, truths=truths, tests=("agreement",)) == card
     np.testing.assert_array_equal(lab.load_truths(tmp_path), truths)
+    # Truths not given (NaN) keep the saved ones; other truths are other seeds.
+    assert lab.run_lab(subject, bases, tmp_path, tests=("agreement",)) == card
+    np.testing.assert_array_equal(lab.load_truths(tmp_path), truths)
+    with pytest.raises(MechanismError, match="other seeds"):
+        lab.run_lab(subject, bases, tmp_path, truths=truths + 1, tests=("agreement",))
 
 
 def test_a_subject_without_numbers_gets_no_verdict(tmp_path):

@@ -163,10 +163,17 @@ def _append(path: Path, part: pd.DataFrame) -> None:
     tmp.replace(path)
 
 
+def _agree(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when two arrays of truths are equal wherever both are known (not NaN)."""
+    known = np.isfinite(a) & np.isfinite(b)
+    return np.array_equal(a[known], b[known])
+
+
 def save_bases(out: Path, bases: Sequence[Task], labels: Sequence[int] | None, truths: np.ndarray) -> None:
     """Writes the bases, their run seeds and truths to `<out>/bases.npz`. A directory
     holding a prefix of them is extended (its saved tables stay true: more seeds are
-    added); one holding other bases is refused (its tables are about those)."""
+    added); one holding other bases is refused (its tables are about those). A truth
+    unknown (NaN) on one side is taken from the other."""
     arrays = {"x": np.stack([t.x for t in bases]), "y": np.stack([t.y for t in bases]),
               "q": np.stack([t.q for t in bases]),
               "seeds": np.asarray(range(len(bases)) if labels is None else labels, dtype=np.int64),
@@ -176,10 +183,12 @@ def save_bases(out: Path, bases: Sequence[Task], labels: Sequence[int] | None, t
         with np.load(path) as old:
             n = len(old["seeds"])
             # Directories of earlier versions hold no truths: they gain them.
-            same = all(np.array_equal(old[k], v[:n], equal_nan=k == "truth") for k, v in arrays.items() if k in old)
-            if n > len(bases) or not same:
+            saved = old["truth"] if "truth" in old else np.full(n, np.nan)
+            same = n <= len(bases) and all(np.array_equal(old[k], arrays[k][:n]) for k in ("x", "y", "q", "seeds"))
+            if not (same and _agree(saved, truths[:n])):
                 raise MechanismError(f"{out} holds the tables of other seeds; delete it or choose other --seeds")
-            if n == len(bases) and "truth" in old:
+            arrays["truth"] = np.concatenate([np.where(np.isfinite(truths[:n]), truths[:n], saved), truths[n:]])
+            if n == len(bases) and "truth" in old and np.array_equal(arrays["truth"], saved, equal_nan=True):
                 return
     np.savez(path, **arrays)
 
