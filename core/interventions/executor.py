@@ -411,18 +411,16 @@ def run_chunk(model: LoadedModel, jobs: list[Job], clean: dict[int, Clean], n_to
         if lc == 0:
             xt = hf.get_input_embeddings()(tree.ids)
         else:
+            rows = [(r, trees[_tree_key(j)]) for r, j in enumerate(jobs) if any(j.answers)]
             xt = torch.zeros((n, w, h.shape[-1]), dtype=h.dtype, device=dev)
-            for r, j in enumerate(jobs):
-                if any(j.answers):
-                    clean_tree = trees[_tree_key(j)]
-                    xt[r, :clean_tree.resid.shape[1]] = clean_tree.resid[lc]
+            for r, clean_tree in rows:
+                xt[r, :clean_tree.resid.shape[1]] = clean_tree.resid[lc]
             # The layers below get the trie's clean keys and values: decoding goes on from its nodes.
             for i, layer in enumerate(cache.layers[:lc]):
                 kv = [torch.zeros_like(b[:, :, :w]) for b in layer.buffers]
-                for r, j in enumerate(jobs):
-                    if any(j.answers):
-                        for new, old in zip(kv, trees[_tree_key(j)].kv[i]):
-                            new[r, :, :old.shape[1]] = old
+                for r, clean_tree in rows:
+                    for new, old in zip(kv, clean_tree.kv[i]):
+                        new[r, :, :old.shape[1]] = old
                 layer.update(*kv)
         h = torch.cat([h, xt], 1)
     if lc < n_layers:
@@ -537,15 +535,20 @@ def _decode(model: LoadedModel, jobs: list[Job], cache: Cache, logp: Float[Tenso
     tok = model.tokenizer
     n, w = len(jobs), (tree.width if tree is not None else 0)
     generated: list[list[int]] = [[] for _ in jobs]
+    texts = [""] * n  # each row's answer so far, decoded once per token
     done = [not job.decode for job in jobs]  # a row that skips decoding needs no answer
+
+    def add(r: int, token: int) -> None:
+        generated[r].append(token)
+        texts[r] = tok.decode(generated[r])
+        done[r] = _whole(jobs[r], token, texts[r], tok.eos_token_id) or len(generated[r]) == max_new_tokens
+
     at = [0] * n  # the trie node each row's last token was predicted from
     for r, job in enumerate(jobs):
         child = {} if tree is None else {(tree.tries[r].parent[k], tree.tries[r].node_token[k]): k
                                          for k in range(1, len(tree.tries[r].node_token))}
         while not done[r]:
-            generated[r].append(int(_pick(logp[r, at[r]][None], [job], [tok.decode(generated[r])])[0]))
-            done[r] = (_whole(job, generated[r][-1], tok.decode(generated[r]), tok.eos_token_id)
-                       or len(generated[r]) == max_new_tokens)
+            add(r, int(_pick(logp[r, at[r]][None], [job], texts[r:r + 1])[0]))
             if done[r] or (at[r], generated[r][-1]) not in child:
                 break
             at[r] = child[at[r], generated[r][-1]]
@@ -562,12 +565,10 @@ def _decode(model: LoadedModel, jobs: list[Job], cache: Cache, logp: Float[Tenso
         ids = torch.tensor([[g[-1] if g else 0] for g in generated], device=model.device)
         out = model.hf_model(input_ids=ids, position_ids=(t + depth + step)[:, None],
                              attention_mask=seen[..., :t + w + step + 1], past_key_values=cache, use_cache=True)
-        nxt = _pick(out.logits[:, -1], jobs, [tok.decode(g) for g in generated]).tolist()
+        nxt = _pick(out.logits[:, -1], jobs, texts).tolist()
         for r in range(n):
             if not done[r]:
-                generated[r].append(nxt[r])
-                done[r] = (_whole(jobs[r], nxt[r], tok.decode(generated[r]), tok.eos_token_id)
-                           or len(generated[r]) == max_new_tokens)
+                add(r, nxt[r])
         step += 1
     for job, g in zip(jobs, generated):
         if job.decode:
