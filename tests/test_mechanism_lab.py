@@ -294,6 +294,12 @@ def test_edited_prompts_teacher_force_two_answers_as_a_whole_forward_does(tiny, 
     for o, p, (a, b) in zip(out, prompts, answers):
         assert o["logprob_diff"] == pytest.approx(_hf_logprob(tiny, p, a) - _hf_logprob(tiny, p, b), abs=1e-4)
     assert [o["reused"] for o in out] == [True, True, False, False, False]
+    # A subject keeps one seed's clean run at a time: each seed's edits run on its own.
+    for k in (0, 1, 0):
+        edits = [subject.prompt(t) for t in (subject.bases[k], perturb_y(subject.bases[k], 2, 1.0))]
+        out = subject.run(k, edits, [subject.y_digits(subject.bases[k])] * 2, answers=answers[:2])
+        for o, p, (a, b) in zip(out, edits, answers):
+            assert o["logprob_diff"] == pytest.approx(_hf_logprob(tiny, p, a) - _hf_logprob(tiny, p, b), abs=1e-4)
 
 
 def test_a_lab_extends_to_more_seeds_and_refuses_other_ones(tmp_path):

@@ -575,24 +575,32 @@ def _decode(model: LoadedModel, jobs: list[Job], cache: Cache, logp: Float[Tenso
             job.out["decoded_text"] = tok.decode(g, skip_special_tokens=True)
 
 
-def _shared(a: np.ndarray, b: np.ndarray) -> int:
+def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """Returns the number of leading tokens two prompts have in common."""
     m = min(len(a), len(b))
     differ = np.nonzero(a[:m] != b[:m])[0]
     return int(differ[0]) if len(differ) else m
 
 
+def whole_run(model: LoadedModel, tokens: Int[np.ndarray, " T"]) -> Clean:
+    """Returns a prompt's clean run with its whole KV cache and residual stream: the run
+    `run_prompts` starts every edit of it on, whichever position it first changes."""
+    return clean_runs(model, [tokens], [0], np.zeros(0, dtype=np.int64), set())[0]
+
+
 @torch.inference_mode()
 def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[np.ndarray], max_new_tokens: int,
                 answers: list[tuple[list[int], list[int]]] | None = None,
                 progress: Callable[[float, str], None] | None = None,
-                grammars: list[NumberGrammar | None] | None = None, draft: list[int] | None = None) -> list[dict]:
+                grammars: list[NumberGrammar | None] | None = None, draft: list[int] | None = None,
+                clean: Clean | None = None) -> list[dict]:
     """Returns, per prompt, its greedy answer text (`decoded_text`; decoded within
     `grammars[i]` where given), whether it reused the base's cache (`reused`) and, given
     `answers` (A, B tokens per prompt), the teacher-forced `logprob_diff` and `logit_diff`
     of A against B. Without answers, `draft` (tokens the answers likely start with, e.g.
     the base's own answer) is run as the answers' trie: an answer is read off it as far
-    as it follows it, with no decoding step.
+    as it follows it, with no decoding step. `clean`: the base's `whole_run`, where the
+    caller keeps it for several calls on one base.
 
     Prompts are edits of `base`. One of the base's length is run as a patch of the
     residual stream entering layer 0 (its token embeddings where its tokens differ):
@@ -623,21 +631,20 @@ def run_prompts(model: LoadedModel, base: Int[np.ndarray, " T"], prompts: list[n
     others = [i for i in range(len(prompts)) if len(prompts[i]) != t]
     groups = ([same] if same else []) + [others[g: g + per_group] for g in range(0, len(others), per_group)]
     none = np.zeros(0, dtype=np.int64)
-    p0 = min((int(diffs[i][0]) for i in same if len(diffs[i])), default=t - 1)
-    base_run = clean_runs(model, [base], [p0], none, set())[0]
+    base_run = clean or whole_run(model, base)
     for g, group in enumerate(groups):
         say(g / len(groups), f"group {g + 1}/{len(groups)}: {len(group)} prompts")
         if group is same:
-            clean = {-1: base_run}
+            runs = {-1: base_run}
         else:
-            runs = clean_runs(model, [prompts[i] for i in group], [len(prompts[i]) - 1 for i in group], none, set(),
-                              prefix=base_run, shared=[_shared(prompts[i], base) for i in group])
-            clean = dict(zip(group, runs))
+            runs = dict(zip(group, clean_runs(model, [prompts[i] for i in group], [len(prompts[i]) - 1 for i in group],
+                                              none, set(), prefix=base_run,
+                                              shared=[shared_prefix(prompts[i], base) for i in group])))
             jobs.update({i: Job(i, n_layers, len(prompts[i]) - 1, answers=pairs[i], grammar=grammars[i])
                          for i in group})
-        run_by_length(model, [jobs[i] for i in group], clean,
+        run_by_length(model, [jobs[i] for i in group], runs,
                       lambda j: t if j.prompt == -1 else len(prompts[j.prompt]), max_new_tokens)
-        del clean
+        del runs
     say(1.0, "done")
     return [{"decoded_text": jobs[i].out["decoded_text"], "reused": len(prompts[i]) == t,
              **({k: jobs[i].out[k] for k in ("logprob_diff", "logit_diff")} if answers else {})}

@@ -140,15 +140,14 @@ def run_lab(subject: Subject, bases: Sequence[Task], out: str | Path, labels: Se
     truths = np.full(len(bases), np.nan) if truths is None else np.asarray(truths, np.float64)
     save_bases(out, bases, labels, truths)
     refs = reference_subjects(references)
-    total, done = len(tests) * len(bases), 0
-    for test in tests:
-        path = out / f"{test}.csv"
-        have = set(pd.read_csv(path)["seed"].tolist()) if path.exists() else set()
-        for k, task in enumerate(bases):
-            if k not in have:
-                say(done / total, f"{test}: seed {k + 1}/{len(bases)}")
-                _append(path, _RUNNERS[test](subject, refs, k, task, float(truths[k])))
-            done += 1
+    paths = {test: out / f"{test}.csv" for test in tests}
+    have = {test: set(pd.read_csv(p)["seed"].tolist()) if p.exists() else set() for test, p in paths.items()}
+    # Seed by seed: a language model keeps one seed's clean run for all its tests.
+    for k, task in enumerate(bases):
+        for i, test in enumerate(tests):
+            if k not in have[test]:
+                say((k * len(tests) + i) / (len(tests) * len(bases)), f"seed {k + 1}/{len(bases)}: {test}")
+                _append(paths[test], _RUNNERS[test](subject, refs, k, task, float(truths[k])))
     card = card_of(out)
     (out / "card.json").write_text(json.dumps(card, indent=1, default=float))
     say(1.0, "done")

@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 
 from core.datasets import Sample
 from core.generation import NumberGrammar
-from core.interventions.executor import run_prompts
+from core.interventions.executor import Clean, run_prompts, shared_prefix, whole_run
 from core.models import LoadedModel
 from core.mechanism.subjects import MechanismError, Task
 from core.prompts import NumberFormat, int_digits, parse_number, prompt_text
@@ -72,10 +72,12 @@ class LMSubject:
     readout: str = "greedy"  # or "number": greedy within the run's number format (`NumberGrammar`)
     changed_length: int = 0  # prompts of another length than their base's
     prompts_run: int = 0
+    positions: int = 0  # prompt positions past each prompt's prefix shared with its base: what must be computed
     progress: Callable[[float, str], None] | None = None
     _fmt: NumberFormat = field(init=False)
     _grammars: dict[int, NumberGrammar] = field(init=False, default_factory=dict)
     _drafts: dict[int, list[int]] = field(init=False, default_factory=dict)
+    _clean: tuple[int, Clean] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._fmt = self.store.number_format()
@@ -124,13 +126,21 @@ class LMSubject:
         max_new = int(self.store.attrs["prompt"]["max_new_tokens"])
         return max(max_new, max(y_digits) + 5) if self.readout == "number" else max_new
 
+    def clean(self, base: int) -> Clean:
+        """Returns base `base`'s clean run (`whole_run`), kept until another base's is asked
+        for: the lab runs every test of a seed before the next seed."""
+        if self._clean is None or self._clean[0] != base:
+            self._clean = None  # the last base's run goes before the next one is made
+            self._clean = (base, whole_run(self.model, self.tokens[base]))
+        return self._clean[1]
+
     def draft(self, base: int) -> list[int]:
         """Returns the tokens of base `base`'s own answer, which the answers to its edits
         mostly start with (`run_prompts` reads them off it as far as they follow it)."""
         if base not in self._drafts:
             digits = [self._fmt.int_digits[-1]]
             out = run_prompts(self.model, self.tokens[base], [self.tokens[base]], self._max_new(digits),
-                              grammars=[self._grammar(d) for d in digits])
+                              grammars=[self._grammar(d) for d in digits], clean=self.clean(base))
             self._drafts[base] = self.model.tokenizer.encode(out[0]["decoded_text"], add_special_tokens=False)
         return self._drafts[base]
 
@@ -140,8 +150,9 @@ class LMSubject:
         column's integer digits) under the subject's readout, and counts them."""
         out = run_prompts(self.model, self.tokens[base], prompts, self._max_new(y_digits), answers=answers,
                           progress=self.progress, grammars=[self._grammar(d) for d in y_digits],
-                          draft=None if answers else self.draft(base))
+                          draft=None if answers else self.draft(base), clean=self.clean(base))
         self.prompts_run += len(prompts)
+        self.positions += sum(len(p) - shared_prefix(p, self.tokens[base]) for p in prompts)
         self.changed_length += sum(not o["reused"] for o in out)
         return out
 
