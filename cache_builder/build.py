@@ -17,7 +17,8 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from cache_builder.host import Copier, HostActs, default_workers, regressor_pool, writer_pool
+from cache_builder.host import (Copier, HostActs, batch_summaries, default_workers, regressor_pool, store_dtypes,
+                                writer_pool)
 from core import store as run_store
 from core.capture import Captured, Recorder
 from core.datasets import DATASETS
@@ -30,7 +31,6 @@ from core.prompts import TEMPLATE, Prompt, build_prompts, choose_format, parse_n
 from core.regressors import default_suite, get_regressor, predict_named
 from core.store import (ACT_ARRAYS, FLOAT16_LIMIT, MODEL_COLUMN, ActsChoice, ActsLayout, Layout, RunStore,
                         StoreError, location)
-from core.summary import seed_summary
 
 DEFAULT_CACHE = Path("cache")
 # How long a shard other than 0 waits for shard 0 to create the store.
@@ -270,10 +270,11 @@ def _seed_acts(host: dict[str, np.ndarray], j: int, pad: int, n_tokens: int) -> 
 
 
 def _write_seed(store: RunStore, i: int, preds: np.ndarray, text: str, cands: SeedCandidates, host: HostActs,
-                j: int, pad: int, n_tokens: int, prompt: Prompt, bar: tqdm) -> None:
-    """Summarises and writes seed row `i` (row j of its batch); a writer thread's task."""
+                summaries: dict[str, np.ndarray], j: int, pad: int, n_tokens: int, bar: tqdm) -> None:
+    """Writes seed row `i` (row j of its batch); a writer thread's task."""
     acts = _seed_acts(host.numpy(), j, pad, n_tokens)
-    store.write_seed(i, preds, text, store.acts_choice.keep(acts), cands, seed_summary(acts, prompt))
+    store.write_seed(i, preds, text, store.acts_choice.keep(acts), cands,
+                     {name: s[j] for name, s in summaries.items()})
     bar.update(1)
 
 
@@ -320,7 +321,10 @@ def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "
     mine = [b for k, b in enumerate(batches) if k % spec.shard[1] == spec.shard[0]]
     first = None
     if store is None:
-        first = run_batch(mine[0])
+        try:
+            first = run_batch(mine[0])
+        except DEVICE_FAILURES as exc:
+            raise _device_failed(exc, model, batch_size, 0, len(spec.seeds)) from None
         store = _create(path, spec, prep, model, _dtypes(_peaks(first[1])), started, batch_size)
 
     done = store.done()
@@ -334,6 +338,7 @@ def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "
     bar = tqdm(total=n_todo, desc=spec.name(), unit="seed", disable=not progress)
     t_start = time.perf_counter()
     procs, writers = regressor_pool(n_procs), writer_pool(n_threads)
+    failure = None
     try:
         # Worker processes get every batch's samples at once: the regressors need no model.
         # Inline, each batch's regressors run when the batch needs them, as the serial build did.
@@ -367,19 +372,26 @@ def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "
             # The previous batch's writes ran beside this batch's passes; a failed one stops
             # the build before more are queued, and the copier's buffers are free again.
             _drain(pending)
-            host = copier(captured, dtypes)
+            converted = store_dtypes(captured, dtypes)
             del captured
-            pending = [writers.submit(_write_seed, store, i, preds[j], decoded.texts[j], cands[j], host, j,
-                                      pads[j], prep.n_tokens, prep.prompts[i], bar)
+            summaries = batch_summaries(converted, [prep.prompts[i] for i in batch], pads)
+            host = copier(converted)
+            del converted
+            pending = [writers.submit(_write_seed, store, i, preds[j], decoded.texts[j], cands[j], host, summaries,
+                                      j, pads[j], prep.n_tokens, bar)
                        for j, i in enumerate(batch) if not done[i]]
             del decoded
             write_s += time.perf_counter() - t2
         write_s += _drain(pending)
+    except DEVICE_FAILURES as exc:
+        failure = exc
     finally:
         # Queued regressors are dropped; the writes in flight finish (they are finished seeds).
         procs.shutdown(wait=True, cancel_futures=True)
         writers.shutdown(wait=True)
     bar.close()
+    if failure is not None:
+        raise _device_failed(failure, model, batch_size, int(store.done().sum()), len(spec.seeds)) from None
     wall_s = time.perf_counter() - t_start
 
     session = {
@@ -397,6 +409,22 @@ def build(spec: BuildSpec, out_dir: str | Path = DEFAULT_CACHE, command: str = "
     if store.done().all():
         _finish(store)
     return path
+
+
+# What a GPU raises when it runs out of memory or fails (an Xid error, a GPU fallen off
+# the bus); the process cannot go on with it, but the finished seeds are safe.
+DEVICE_FAILURES = (torch.OutOfMemoryError, torch.AcceleratorError)
+
+
+def _device_failed(exc: BaseException, model: LoadedModel, batch_size: int, done: int, total: int) -> BuildError:
+    """Returns the one-line error of a device that failed mid-build."""
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    kept = f"{done} of {total} seeds are finished and kept"
+    if isinstance(exc, torch.OutOfMemoryError):
+        return BuildError(f"out of memory on {model.device} in a batch of {batch_size} seeds ({first_line}); {kept}; "
+                          "run the same command with a smaller --batch-size to resume")
+    return BuildError(f"the device {model.device} failed mid-build ({first_line}); {kept}; "
+                      "run the same command to resume once it is back")
 
 
 def _create(path: str, spec: BuildSpec, prep: Prepared, model: LoadedModel, dtypes: dict, started: str,

@@ -1,6 +1,7 @@
 """The build's host side, overlapped with the model: regressors in worker processes fed as
-soon as a batch's samples are known, the device-to-host copy asynchronous into pinned
-buffers, summaries, compression and writes in a thread pool while the next batch runs.
+soon as a batch's samples are known, summaries computed on the device, the device-to-host
+copy asynchronous into pinned buffers, compression and writes in a thread pool while the
+next batch runs.
 
 Zero workers run a stage inline, in the order the serial build ran it: the same code path
 with every overlap turned off, which the tests and `bench/bench_pipeline.py` compare against.
@@ -19,7 +20,9 @@ import torch
 from torch import Tensor
 
 from core.capture import Captured
+from core.prompts import Prompt
 from core.store import ACT_ARRAYS
+from core.summary import seed_summary
 
 
 class Inline(Executor):
@@ -81,16 +84,30 @@ class HostActs:
         return {name: t.numpy() for name, t in self.arrays.items()}
 
 
+def store_dtypes(c: Captured, dtypes: dict[str, str]) -> dict[str, Tensor]:
+    """Returns a batch's activations converted to the store's dtypes, on their device
+    (half the bytes to copy for a float32 model; what the summaries are computed from)."""
+    return {name: getattr(c, name).to(getattr(torch, dtypes[name])) for name in ACT_ARRAYS}
+
+
+def batch_summaries(acts: dict[str, Tensor], prompts: list[Prompt], pads: list[int]) -> dict[str, np.ndarray]:
+    """Returns every seed's `seed_summary`, stacked over the batch on the host; computed on the
+    device, where the activations are, so the host gets a few kB per seed instead of scoring
+    the attention rows in numpy (row j's prompt is left-padded by pads[j])."""
+    per_seed = [seed_summary({name: t[j] for name, t in acts.items()}
+                             | {"attn_rows": acts["attn_rows"][j, ..., pad:]}, prompt)
+                for j, (prompt, pad) in enumerate(zip(prompts, pads))]
+    return {name: torch.stack([s[name] for s in per_seed]).cpu().numpy() for name in per_seed[0]}
+
+
 class Copier:
-    """Copies a batch's activations to the host: converted to the store's dtypes on the device
-    (half the bytes to move for a float32 model), then asynchronously into pinned buffers,
-    reused batch after batch (the caller drains a batch's writes before the next copy)."""
+    """Copies a batch's activations to the host, asynchronously into pinned buffers reused
+    batch after batch (the caller drains a batch's writes before the next copy)."""
 
     def __init__(self) -> None:
         self.buffers: dict[str, Tensor] = {}
 
-    def __call__(self, c: Captured, dtypes: dict[str, str]) -> HostActs:
-        converted = {name: getattr(c, name).to(getattr(torch, dtypes[name])) for name in ACT_ARRAYS}
+    def __call__(self, converted: dict[str, Tensor]) -> HostActs:
         if converted["resid"].device.type != "cuda":
             return HostActs({name: t.contiguous() for name, t in converted.items()}, None)
         out = {}

@@ -5,7 +5,9 @@ attention rows, about 1 GB, to rank the heads) and kept in `summary/head_scores`
 """
 
 import numpy as np
+import torch
 from jaxtyping import Float, Int
+from torch import Tensor
 
 HEAD_SCORES = ("answer_values", "feature_values", "previous_token", "induction")
 HEAD_SCORE_DOC = {
@@ -23,19 +25,25 @@ def value_tokens(spans: Int[np.ndarray, "... 2"]) -> Int[np.ndarray, " n"]:
     return np.concatenate([np.arange(a + 1 if b - a > 1 else a, b) for a, b in flat])
 
 
-def head_scores(rows: Float[np.ndarray, "L H P T"], positions: Int[np.ndarray, " P"], tokens: Int[np.ndarray, " T"],
-                x_spans: Int[np.ndarray, "n1 f 2"], y_spans: Int[np.ndarray, "n 2"]) -> Float[np.ndarray, "4 L H"]:
-    """Returns the `HEAD_SCORES` of every head of one seed, in that order."""
-    rows = rows.astype(np.float32)
+def head_scores(rows: Float[Tensor, "L H P T"], positions: Int[np.ndarray, " P"], tokens: Int[np.ndarray, " T"],
+                x_spans: Int[np.ndarray, "n1 f 2"], y_spans: Int[np.ndarray, "n 2"]) -> Float[Tensor, "4 L H"]:
+    """Returns the `HEAD_SCORES` of every head of one seed, in that order, in float32 on the rows' device.
+
+    Only the attention weights each score reads are gathered and widened, so a batch of
+    float16 rows on a GPU is scored in place, without a float32 copy of them.
+    """
+    def at(index: np.ndarray) -> Tensor:
+        return torch.as_tensor(index, dtype=torch.long, device=rows.device)
+
     final = rows[:, :, -1]  # [L, H, T]
-    answer = final[..., value_tokens(y_spans)].sum(-1)
-    feature = final[..., value_tokens(x_spans)].sum(-1)
-    p_idx = np.arange(len(positions))
-    previous = rows[:, :, p_idx, positions - 1].mean(-1)
-    induction, counted = np.zeros(rows.shape[:2], dtype=np.float32), 0
-    for p, pos in enumerate(positions):
-        follow = np.nonzero(tokens[:pos] == tokens[pos])[0] + 1
-        if len(follow):
-            induction += rows[:, :, p, follow].sum(-1)
-            counted += 1
-    return np.stack([answer, feature, previous, induction / max(counted, 1)])
+    answer = final[..., at(value_tokens(y_spans))].float().sum(-1)
+    feature = final[..., at(value_tokens(x_spans))].float().sum(-1)
+    previous = rows[:, :, at(np.arange(len(positions))), at(positions - 1)].float().mean(-1)
+    follows = [(p, np.nonzero(tokens[:pos] == tokens[pos])[0] + 1) for p, pos in enumerate(positions)]
+    follows = [(np.full(len(f), p), f) for p, f in follows if len(f)]
+    if follows:
+        p_idx, t_idx = (np.concatenate(part) for part in zip(*follows))
+        induction = rows[:, :, at(p_idx), at(t_idx)].float().sum(-1) / len(follows)
+    else:
+        induction = torch.zeros(rows.shape[:2], dtype=torch.float32, device=rows.device)
+    return torch.stack([answer, feature, previous, induction])

@@ -7,17 +7,22 @@ position (probes), `mlp_norm [L, P]` the MLP output's L2 norm at the stored posi
 `head_scores [4, L, H]` (`core.heads.head_scores`).
 """
 
-import numpy as np
+import torch
+from torch import Tensor
 
 from core.heads import head_scores
 from core.prompts import Prompt
 
 
-def seed_summary(acts: dict[str, np.ndarray], prompt: Prompt) -> dict[str, np.ndarray]:
-    """Returns one seed's summaries from its stored activations (`acts/` arrays of that seed)."""
+def seed_summary(acts: dict[str, Tensor], prompt: Prompt) -> dict[str, Tensor]:
+    """Returns one seed's summaries, float32 on the activations' device.
+
+    `acts`: that seed's activations in the store's dtypes: its `acts/` arrays as stored
+    (`torch.from_numpy`), or the builder's batch row on the model's device before the copy.
+    """
     rows = acts["attn_rows"][..., : len(prompt.tokens)]
     return {
-        "final_resid": acts["resid"][:, -1].astype(np.float32),
-        "mlp_norm": np.linalg.norm(acts["mlp_out"].astype(np.float32), axis=-1),
+        "final_resid": acts["resid"][:, -1].float(),
+        "mlp_norm": torch.linalg.vector_norm(acts["mlp_out"].float(), dim=-1),
         "head_scores": head_scores(rows, prompt.answer_slots, prompt.tokens, prompt.x_spans, prompt.y_spans),
     }

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from sklearn.linear_model import LinearRegression
 from sklearn.neighbors import KNeighborsRegressor
@@ -269,6 +270,43 @@ def test_disk_full_keeps_finished_seeds_and_resumes(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(Store, "write_seed", real)
     assert main(args) == 0
     assert RunStore.open(path).done().all()
+
+
+@pytest.mark.parametrize("failure, message", [
+    (lambda: torch.AcceleratorError("CUDA error: unspecified launch failure\nCUDA kernel errors might be "
+                                     "asynchronously reported"), "error: the device cpu failed mid-build (CUDA error: "),
+    (lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n(GPU 0; 79 GiB total)"),
+     "error: out of memory on cpu in a batch of 1 seeds (CUDA out of memory."),
+])
+def test_a_device_failing_mid_build_keeps_finished_seeds_and_resumes_to_the_same_store(
+        tmp_path, capsys, monkeypatch, failure, message):
+    """A GPU that falls off the bus (or runs out of memory) in the third batch: one line, exit 2, the
+    two finished seeds kept; the same command then resumes to the store of an uninterrupted build."""
+    from cache_builder.build import BatchRunner
+
+    args = ["build", "--model", "tiny-random-llama", "--dataset", "original1", "--n-examples", "3",
+            "--seeds", "0-3", "--batch-size", "1", "--regressors", "mean", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    real, calls = BatchRunner.__call__, {"n": 0}
+
+    def failing(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise failure()
+        return real(self, batch)
+
+    monkeypatch.setattr(BatchRunner, "__call__", failing)
+    code, err = run_cli(capsys, *args, "--out", str(tmp_path / "failed"))
+    assert code == 2 and err.startswith(message) and "\n" not in err, err
+    assert "2 of 4 seeds are finished and kept" in err
+    path = next((tmp_path / "failed").glob("*.zarr"))
+    assert RunStore.open(path).done().tolist() == [True, True, False, False]
+    monkeypatch.setattr(BatchRunner, "__call__", real)
+    assert main([*args, "--out", str(tmp_path / "failed")]) == 0
+    a, b = every_array(next((tmp_path / "whole").glob("*.zarr"))), every_array(path)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 def test_half_created_store_is_refused_for_reading_and_rebuilt(tmp_path, capsys):

@@ -104,6 +104,32 @@ def test_head_scores_equal_the_raw_models_attention(natural_store, reference):
             np.testing.assert_allclose(scores[i, j], want[name], atol=2e-3, err_msg=name)
 
 
+def test_summaries_are_the_stored_activations_summarised_in_numpy(natural_store):
+    """The builder summarises on the device before the copy, from left-padded batch rows
+    (a batch of 3 prompts of different lengths); each summary must be that seed's stored
+    activations summarised by plain numpy, pads and all."""
+    store = natural_store
+    lengths = [len(store.tokens(i)) for i in range(len(store.seeds))]
+    assert len(set(lengths)) > 1  # some rows of a batch were padded
+    for i in range(len(store.seeds)):
+        tokens = store.tokens(i)
+        rows = store.root["acts/attn_rows"][i].astype(np.float64)  # [L, H, P, T]
+        slots = store.root["positions/answer_slots"][i]
+        y_tok = [t for a, b in store.root["positions/y"][i] for t in range(a + 1, b)]
+        x_tok = [t for a, b in store.root["positions/x"][i].reshape(-1, 2) for t in range(a + 1, b)]
+        final = rows[:, :, -1]
+        induction = [sum(rows[:, :, p, q + 1] for q in range(pos) if tokens[q] == tokens[pos])
+                     for p, pos in enumerate(slots) if (tokens[:pos] == tokens[pos]).any()]
+        want = [final[..., y_tok].sum(-1), final[..., x_tok].sum(-1),
+                np.mean([rows[:, :, p, pos - 1] for p, pos in enumerate(slots)], 0),
+                np.mean(induction, 0) if induction else np.zeros(rows.shape[:2])]
+        np.testing.assert_allclose(store.root["summary/head_scores"][i], np.stack(want), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(store.root["summary/final_resid"][i],
+                                      store.root["acts/resid"][i][:, -1].astype(np.float32))
+        mlp = store.root["acts/mlp_out"][i].astype(np.float64)
+        np.testing.assert_allclose(store.root["summary/mlp_norm"][i], np.sqrt((mlp ** 2).sum(-1)), rtol=1e-5)
+
+
 def test_a_pair_with_a_failed_answer_is_marked_not_hidden(natural_store):
     c = load_candidates(natural_store)
     diff = pair_logit_diff(c, "truth", "model")
