@@ -815,9 +815,11 @@ def test_bfloat16_results_equal_float32_within_the_stated_tolerance(smol, smol_b
         assert abs(f32.baselines[key][0] - bf16.baselines[key][0]) <= BF16_TOL
 
 
-# The builder's candidates in bfloat16: unembedded in float32 too. Measured on these seeds:
-# 0.056 nat at most (0.127 when the tree pass's logits were bfloat16).
-CANDIDATE_TOL = 0.08
+# The builder's candidates in bfloat16: unembedded in float32 too. |bf16 - f32| measured on these
+# seeds, mean / max: 0.013 / 0.056 nat on an AVX-512 CPU, 0.016 / 0.090 on an AMX-BF16 one (its
+# bfloat16 matmuls round otherwise); 0.037 / 0.127 when the tree pass's logits were bfloat16. The
+# mean tells that defect apart on either CPU; the max is the interventions' stated tolerance.
+CANDIDATE_MEAN_TOL = 0.025
 
 
 def test_bfloat16_builds_candidate_log_probabilities_within_tolerance_of_float32(smol, smol_bf16, tmp_path):
@@ -827,4 +829,5 @@ def test_bfloat16_builds_candidate_log_probabilities_within_tolerance_of_float32
     # A candidate's tokens can differ where the bfloat16 model answered otherwise.
     same = (t32 == t16) & (t32 >= 0)
     assert same.sum() > 40
-    assert np.abs(l32 - l16)[same].max() <= CANDIDATE_TOL
+    diff = np.abs(l32 - l16)[same]
+    assert diff.mean() <= CANDIDATE_MEAN_TOL and diff.max() <= BF16_TOL, np.sort(diff)
